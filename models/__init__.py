@@ -1,0 +1,1 @@
+"""Flax model families with their Hugging Face converters and partition rules."""
