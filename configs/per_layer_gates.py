@@ -1,0 +1,9 @@
+"""Ablation "multiple gates": every adapted layer has its own task gate."""
+
+from configs import promptcblue
+
+
+def get_config():
+    c = promptcblue.get_config()
+    c.lora.gate = "per_layer"
+    return c

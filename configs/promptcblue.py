@@ -1,0 +1,71 @@
+"""The paper's PromptCBLUE setting: ChatGLM-6B, 8 medical tasks, CGC-LoRA with 8 common experts.
+
+Every other config starts from this one, so this file is the schema: each field says what it
+does and its unit. Override any field with `--config.section.field=value`.
+"""
+
+import ml_collections
+
+PAPER_TASKS = ("CMeIE", "CHIP-CDN", "CHIP-CDEE", "CHIP-MDCFNPC", "CHIP-CTC", "KUAKE-QIC", "IMCS-V2-MRG", "MedDG")
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = "checkpoints/chatglm-6b"  # local Hugging Face folder of the frozen base model
+    c.model.builtin = ""  # "tiny-chatglm": a seeded random tiny ChatGLM-6B-architecture base (demo)
+    c.model.dtype = "bfloat16"  # parameter and activation dtype: float32 | bfloat16
+    c.model.remat = False  # recompute each block in the backward pass (saves activation memory)
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.num_common = 8  # N_c: task-common experts per adapted layer
+    c.lora.common_rank = 2  # rank of each common expert
+    c.lora.specific_rank = 2  # rank of each task's own expert (0: none)
+    c.lora.alpha = 32.0  # the update is scaled by alpha / total rank
+    c.lora.gate = "shared"  # shared | per_layer | uniform (the paper's w/o-gate ablation)
+    c.lora.task_embed_dim = 64  # d_e: task embedding width of the gate
+    c.lora.init_std = 0.02  # std of the Gaussian init of A
+    c.lora.dropout = 0.1  # dropout rate on the adapter input
+    c.lora.targets = r"(query_key_value|dense|dense_h_to_4h|dense_4h_to_h)$"  # regex on layer paths
+
+    c.data = ml_collections.ConfigDict()
+    c.data.format = "promptcblue"  # promptcblue | firefly | jsonl | demo
+    c.data.path = "data/PromptCBLUE"  # folder with train.json, dev.json, test.json
+    c.data.tasks = PAPER_TASKS  # task subset, in task-ID order (empty: every task in train.json)
+    c.data.max_train_per_task = 0  # cap on training samples per task (0: no cap)
+    c.data.max_eval_per_task = 0  # cap on dev/test samples per task (0: no cap)
+    c.data.max_source_len = 1024  # prompt tokens kept (longer prompts are truncated and counted)
+    c.data.max_target_len = 196  # target tokens kept (longer targets are truncated and counted)
+    c.data.on_error = "error"  # error | skip: what a malformed record does (skips are counted)
+    c.data.input_field = "input"  # jsonl format: the prompt field
+    c.data.target_field = "target"  # jsonl format: the answer field
+    c.data.task_field = "task_dataset"  # jsonl format: the task name field
+    c.data.pad_multiple = 64  # sequence lengths round up to a multiple of this (few jit shapes)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 64  # sequences per optimizer step (over all devices and accumulation)
+    c.train.grad_accum = 1  # micro-batches per step; batch_size must divide by it
+    c.train.steps = 8000  # optimizer steps
+    c.train.lr = 2e-4  # peak learning rate (MOELoRA's)
+    c.train.warmup_steps = 100  # linear warmup steps, then cosine decay to end_lr_ratio * lr
+    c.train.end_lr_ratio = 0.0  # final learning rate as a fraction of lr
+    c.train.weight_decay = 0.0  # AdamW decoupled weight decay on the adapters
+    c.train.grad_clip = 1.0  # global gradient norm clip (0: off)
+    c.train.seed = 42  # seeds adapter init, data order and dropout
+    c.train.log_every = 10  # steps between log lines / metrics.jsonl records
+    c.train.eval_every = 500  # steps between validation losses (0: never)
+    c.train.eval_batches = 8  # batches of dev.json per validation
+    c.train.checkpoint_every = 500  # steps between checkpoints
+    c.train.keep_checkpoints = 3  # checkpoints kept in the workdir
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # data-parallel axis size (-1: the devices left over)
+    c.mesh.fsdp = 1  # fully-sharded axis size (parameters and batch)
+    c.mesh.tensor = 1  # tensor-parallel axis size
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.split = "test"  # dev | test: the file eval.py predicts
+    c.eval.max_new_tokens = 196  # generation length cap per answer
+    c.eval.batch_size = 16  # prompts per generation batch
+    return c
