@@ -1,0 +1,169 @@
+"""Per-family prompt formatting: (prompt, target) text -> (input_ids, labels), loss on the target only.
+
+P = prompt ids, Y = target ids (both encoded without special tokens), -100 = no loss:
+
+    layout   families          input_ids                        labels
+    glm_v1   chatglm (+ demo)  P + [gMASK, <sop>] + Y + [<eop>]  -100 * (|P| + 1) + [<sop>] + Y + [<eop>]
+    glm_v2   chatglm2/3        [gMASK, sop] + P + Y + [eos]      -100 * (2 + |P|) + Y + [eos]
+    bos_eos  llama, qwen2      [bos] + P + Y + [eos]             -100 * (1 + |P|) + Y + [eos]
+
+glm_v1 is the MOELoRA / ChatGLM-6B p-tuning recipe: labels = -100 over the context (everything
+before <sop>), then the ids themselves, so the label at <sop> is <sop> and the loss includes
+predicting <sop> from [gMASK]. glm_v2 is the ChatGLM2-6B recipe. bos_eos drops [bos] when the
+tokenizer has none (Qwen2). Generation prompts are the input_ids up to the target:
+P + [gMASK, <sop>], [gMASK, sop] + P, [bos] + P.
+
+Truncation uses MOELoRA's budgets in every layout: P keeps its first max_source_len - 1 ids and Y
+its first max_target_len - 2 (defaults 1024 and 196), so a sequence never exceeds
+max_source_len + max_target_len ids. Each truncated example is counted under "source" and/or
+"target" in `EncodedSplit.truncated`, for the training log.
+
+Usage::
+
+    tok = load_tokenizer("chatglm", "checkpoints/chatglm-6b")
+    train = encode_split(splits.datasets["train"], tok, family="chatglm", vocab=splits.vocab)
+    train.input_ids[0], train.labels[0], train.task_ids[0], dict(train.truncated)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cgc_lora_jax.task_vocab import TaskVocab
+
+IGNORE = -100  # label of positions without loss
+FAMILY_LAYOUTS = {"chatglm": "glm_v1", "chatglm2": "glm_v2", "chatglm3": "glm_v2",
+                  "llama": "bos_eos", "qwen2": "bos_eos"}
+CHATGLM_VERSIONS = {"chatglm": "v1", "chatglm2": None, "chatglm3": "v3"}  # None: from the folder
+
+
+def layout_of(family: str) -> str:
+    if family not in FAMILY_LAYOUTS:
+        raise ValueError(f"no prompt format for model family {family!r}; known: "
+                         f"{sorted(FAMILY_LAYOUTS)}")
+    return FAMILY_LAYOUTS[family]
+
+
+def load_tokenizer(family: str, path: str | os.PathLike):
+    """The tokenizer in local folder `path` for `family`: the demo tokenizer when the folder
+    holds demo_tokenizer.json, models/chatglm_tokenizer for ChatGLM, else transformers'
+    AutoTokenizer (offline)."""
+    from cgc_lora_jax.demo_tokenizer import DemoTokenizer
+
+    layout_of(family)
+    if DemoTokenizer.is_saved_in(path):
+        return DemoTokenizer.load(path)
+    if family in CHATGLM_VERSIONS:
+        from models.chatglm_tokenizer import load_tokenizer as load_chatglm_tokenizer
+
+        return load_chatglm_tokenizer(path, version=CHATGLM_VERSIONS[family])
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"tokenizer folder {path} does not exist")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+    """One layout with the tokenizer's special ids."""
+
+    layout: str
+    eos_id: int  # <eop> for glm_v1
+    pad_id: int  # fills right-padded batches; labels there are -100 whatever it is
+    gmask_id: int | None = None
+    sop_id: int | None = None
+    bos_id: int | None = None  # bos_eos only; None when the tokenizer has no bos
+
+    @classmethod
+    def for_tokenizer(cls, family: str, tokenizer) -> PromptFormat:
+        layout = layout_of(family)
+        if layout in ("glm_v1", "glm_v2"):
+            return cls(layout, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                       tokenizer.gmask_token_id, tokenizer.sop_token_id)
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"the {family} tokenizer has no eos token; targets need one")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return cls(layout, tokenizer.eos_token_id, pad, bos_id=tokenizer.bos_token_id)
+
+    def _prefix(self) -> list[int]:
+        if self.layout == "glm_v2":
+            return [self.gmask_id, self.sop_id]
+        return [] if self.layout == "glm_v1" or self.bos_id is None else [self.bos_id]
+
+    def prompt_ids(self, prompt: Sequence[int]) -> list[int]:
+        """The generation prompt: the input ids that precede the target."""
+        suffix = [self.gmask_id, self.sop_id] if self.layout == "glm_v1" else []
+        return self._prefix() + list(prompt) + suffix
+
+    def training_ids(self, prompt: Sequence[int], target: Sequence[int]) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of one example, untruncated."""
+        context = self.prompt_ids(prompt)
+        if self.layout == "glm_v1":
+            context = context[:-1]  # <sop> starts the labelled part
+            answer = [self.sop_id, *target, self.eos_id]
+        else:
+            answer = [*target, self.eos_id]
+        return context + answer, [IGNORE] * len(context) + answer
+
+
+def truncate(prompt: Sequence[int], target: Sequence[int], max_source_len: int,
+             max_target_len: int) -> tuple[list[int], list[int], list[str]]:
+    """Keep the first max_source_len - 1 prompt ids and max_target_len - 2 target ids; also
+    return which parts were cut ("source", "target")."""
+    if max_source_len < 2 or max_target_len < 3:
+        raise ValueError(f"need max_source_len >= 2 and max_target_len >= 3, got "
+                         f"{max_source_len} and {max_target_len}")
+    cut = [name for name, ids, limit in (("source", prompt, max_source_len - 1),
+                                         ("target", target, max_target_len - 2))
+           if len(ids) > limit]
+    return list(prompt[:max_source_len - 1]), list(target[:max_target_len - 2]), cut
+
+
+@dataclasses.dataclass
+class EncodedSplit:
+    """Token ids of one split. For prediction, input_ids are generation prompts and labels None."""
+
+    input_ids: list[np.ndarray]  # int32 [length_i] each
+    labels: list[np.ndarray] | None  # int32 [length_i] each; -100 = no loss
+    task_ids: np.ndarray  # int32 [N]
+    sample_ids: list[str]
+    pad_id: int
+    truncated: Counter  # "source" / "target" -> number of examples cut
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(ids) for ids in self.input_ids), np.int64, len(self.input_ids))
+
+
+def encode_split(dataset, tokenizer, *, family: str, vocab: TaskVocab,
+                 max_source_len: int = 1024, max_target_len: int = 196,
+                 for_prediction: bool = False) -> EncodedSplit:
+    """Tokenise rows with `input`, `target`, `task_dataset`, `sample_id` (a `data` Dataset or
+    a list of such dicts)."""
+    fmt = PromptFormat.for_tokenizer(family, tokenizer)
+    input_ids, labels, task_ids, sample_ids, truncated = [], [], [], [], Counter()
+    for row in dataset:
+        prompt = tokenizer.encode(row["input"], add_special_tokens=False)
+        target = [] if for_prediction else tokenizer.encode(row["target"], add_special_tokens=False)
+        prompt, target, cut = truncate(prompt, target, max_source_len, max_target_len)
+        truncated.update(cut)
+        if for_prediction:
+            input_ids.append(np.asarray(fmt.prompt_ids(prompt), np.int32))
+        else:
+            ids, row_labels = fmt.training_ids(prompt, target)
+            input_ids.append(np.asarray(ids, np.int32))
+            labels.append(np.asarray(row_labels, np.int32))
+        task_ids.append(vocab.id(row["task_dataset"]))
+        sample_ids.append(row["sample_id"])
+    return EncodedSplit(input_ids, None if for_prediction else labels,
+                        np.asarray(task_ids, np.int32), sample_ids, fmt.pad_id, truncated)
