@@ -24,6 +24,7 @@ Usage::
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -32,7 +33,9 @@ from typing import Any
 
 from cgc_lora_jax.scoring import firefly, promptcblue
 
-BENCHMARKS = {"promptcblue": promptcblue, "firefly": firefly}
+# Each module provides TASK_NAMES and score_task(task, golds, predictions, choices). The demo's
+# module imports the data readers, which import this package: it is looked up lazily.
+BENCHMARKS = {"promptcblue": promptcblue, "firefly": firefly, "demo": "cgc_lora_jax.demo_data"}
 
 
 class ScoringError(ValueError):
@@ -84,6 +87,8 @@ def _index(entries: Iterable[Entry]) -> dict[Any, Entry]:
 
 def _task_name(location: str, record: Mapping, benchmark: str) -> str:
     module = BENCHMARKS[benchmark]
+    if isinstance(module, str):
+        module = importlib.import_module(module)
     name = record.get("task_dataset")
     if name is None and benchmark == "firefly":
         name = record.get("kind")
@@ -100,6 +105,8 @@ def _score(pred_entries: Iterable[Entry], gold_entries: Iterable[Entry], benchma
         raise ValueError(
             f"unknown benchmark {benchmark!r}; expected one of {', '.join(BENCHMARKS)}")
     module = BENCHMARKS[benchmark]
+    if isinstance(module, str):
+        module = importlib.import_module(module)
     gold = _index(gold_entries)
     tasks = {sample_id: _task_name(location, record, benchmark)
              for sample_id, (location, record) in gold.items()}
