@@ -1,0 +1,562 @@
+"""Load and save Hugging Face checkpoint folders (config.json + safetensors or .bin weights).
+
+Loading fills the Flax parameter tree through the model family's explicit key map
+(`ModelFamily.key_map`, HF name -> (Flax path, transpose?)):
+
+    params[flax_path] = cast(tensor[hf_name].T if transpose else tensor[hf_name], param dtype)
+
+one tensor at a time: a tensor is read, checked, cast, placed on its device and dropped before
+the next is read, so host memory peaks at the loaded parameters plus about one tensor (plus, for
+.bin, the pages of the current shard that torch's mmap touched). Expected shapes come from
+`jax.eval_shape(model.init)`: no base parameter is ever initialised. The CGC-LoRA adapters are not
+in checkpoints; they alone get a real init, and since every B starts at zero the loaded model
+computes exactly the base model's outputs.
+
+A family states a tied copy in one of two ways. Several HF names with one Flax path: the first
+fills the parameter, the others must equal it, and saving writes every name. Or the copy's name
+in `ignored_keys` (ChatGLM-6B's `lm_head.weight` today): it is neither read nor written, and the
+PyTorch loader ties it again (`tie_word_embeddings`, true by default). Saving never writes
+ignored tensors (rotary inv_freq buffers: the PyTorch models compute them at construction).
+
+    model, params = load_pretrained("/ckpt/chatglm-6b", jnp.bfloat16, lora=CGCLoRAConfig(8))
+    ...  # train the adapters, then fold one task in: merged = merge_task(params, 3, cfg)
+    save_pretrained(model, merged, "/out/chatglm-6b-task3", dtype=jnp.bfloat16)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+
+from cgc_lora_jax.params import is_adapter_path
+from cgc_lora_jax.sharding import match_partition_rules, named_shardings
+from models.family import ModelFamily, detect_family
+
+FlatParams = dict[tuple[str, ...], Any]
+
+# config.json dicts of the configs load_pretrained built: id -> (config, dict), so that
+# save_pretrained(model, ...) can write the original config.json back.
+_HF_CONFIGS: dict[int, tuple[Any, dict]] = {}
+
+
+def read_hf_config(folder: str | os.PathLike) -> dict:
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} does not exist: a Hugging Face folder needs config.json")
+    try:
+        return json.loads(config_file.read_text())
+    except ValueError as e:
+        raise ValueError(f"{config_file} is not valid JSON: {e}") from e
+
+
+def family_config(family: ModelFamily, hf_config: dict, source: str) -> Any:
+    """family.config_from_hf(hf_config), with errors (a missing field, ...) naming `source`."""
+    try:
+        return family.config_from_hf(hf_config)
+    except Exception as e:  # noqa: BLE001 - any failure here means the config file is at fault
+        raise ValueError(f"{source}: not a valid {family.name} config ({type(e).__name__}: {e})") from e
+
+
+def abstract_params(model, with_adapters: bool) -> FlatParams:
+    """{flax path: ShapeDtypeStruct} of the model's parameters, from eval_shape (no init)."""
+    return traverse_util.flatten_dict(jax.eval_shape(_init_fn(model, with_adapters), jax.random.key(0)))
+
+
+def _init_fn(model, with_adapters: bool):
+    input_ids = jnp.zeros((1, 2), jnp.int32)
+    task_ids = jnp.zeros((1,), jnp.int32) if with_adapters else None
+
+    def init(rng):
+        return model.init({"params": rng, "dropout": rng}, input_ids, task_ids=task_ids)["params"]
+
+    return init
+
+
+def _init_adapters(model, seed: int, shardings: dict | None) -> FlatParams:
+    """A real init of the adapters only; XLA drops the unused base initialisers from the jit."""
+    init = _init_fn(model, with_adapters=True)
+
+    def adapters_only(rng):
+        flat = traverse_util.flatten_dict(init(rng))
+        return {"/".join(p): v for p, v in flat.items() if is_adapter_path(p)}
+
+    out_shardings = None
+    if shardings is not None:
+        paths = jax.eval_shape(adapters_only, jax.random.key(seed))
+        out_shardings = {path: shardings[tuple(path.split("/"))] for path in paths}
+    adapters = jax.jit(adapters_only, out_shardings=out_shardings)(jax.random.key(seed))
+    return {tuple(path.split("/")): value for path, value in adapters.items()}
+
+
+def _targets(family: ModelFamily, key_map, abstract: FlatParams) -> dict[tuple[str, ...], list[str]]:
+    """{base flax path: [HF names]}, checking that the key map and the model agree."""
+    targets: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    for hf_key, (flax_path, _) in key_map.items():
+        if tuple(flax_path) not in abstract:
+            raise ValueError(
+                f"model family {family.name!r}: key map sends {hf_key!r} to {'/'.join(flax_path)}, "
+                "which the Flax model does not have"
+            )
+        targets[tuple(flax_path)].append(hf_key)
+    unmapped = [p for p in abstract if not is_adapter_path(p) and p not in targets]
+    if unmapped:
+        raise ValueError(
+            f"model family {family.name!r}: its key map gives no HF name for Flax parameters "
+            f"{['/'.join(p) for p in unmapped[:5]]} ({len(unmapped)} in all)"
+        )
+    return targets
+
+
+def _hf_shape(leaf, transpose: bool) -> tuple[int, ...]:
+    return tuple(leaf.shape[::-1]) if transpose else tuple(leaf.shape)
+
+
+def _is_ignored(pattern: str, hf_key: str) -> bool:
+    return bool(pattern) and re.search(pattern, hf_key) is not None
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    dtype: Any = jnp.float32,
+    *,
+    lora=None,
+    remat: bool = False,
+    family: ModelFamily | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    seed: int = 0,
+) -> tuple[Any, dict]:
+    """(model, params) from a local HF folder; model.apply({"params": params}, input_ids, ...).
+
+    dtype: parameter and compute dtype. lora: a CGCLoRAConfig to add (freshly initialised, B = 0)
+    adapters. family: skip detection from config.json. mesh: place each parameter with the
+    family's partition rules as it is read. seed: the adapters' init.
+    """
+    folder = Path(path)
+    config_file = folder / "config.json"
+    hf_config = read_hf_config(folder)
+    family = family or detect_family(hf_config, source=str(config_file))
+    config = family_config(family, hf_config, str(config_file))
+    model = family.build(config, dtype=dtype, param_dtype=dtype, lora=lora, remat=remat)
+    abstract = abstract_params(model, with_adapters=lora is not None)
+    key_map = family.key_map(config)
+    targets = _targets(family, key_map, abstract)
+    shardings = None
+    if mesh is not None:
+        specs = match_partition_rules(family.partition_rules, traverse_util.unflatten_dict(abstract))
+        shardings = traverse_util.flatten_dict(named_shardings(mesh, specs))
+
+    where = locate_tensors(folder)  # {hf name: weights file}
+    ignored = family.ignored_keys
+    unexpected = [(k, f) for k, f in where.items() if k not in key_map and not _is_ignored(ignored, k)]
+    if unexpected:
+        listed = "; ".join(f"{k!r} in {f}" for k, f in unexpected[:5])
+        raise ValueError(
+            f"unexpected keys, which the {family.name} key map does not use and its ignored_keys "
+            f"{family.ignored_keys!r} do not match ({len(unexpected)} in all): {listed}"
+        )
+    missing = [(names[0], p) for p, names in targets.items() if not any(k in where for k in names)]
+    if missing:
+        listed = "; ".join(
+            f"{k!r} (Flax {'/'.join(p)}, expected shape {_hf_shape(abstract[p], key_map[k][1])})"
+            for k, p in missing[:5]
+        )
+        raise ValueError(
+            f"missing keys: no weights file in {folder} holds {listed} ({len(missing)} in all)"
+        )
+
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for hf_key, file in where.items():
+        if hf_key in key_map:
+            by_file[file].append(hf_key)
+    flat: FlatParams = {}
+    filled_by: dict[tuple[str, ...], str] = {}
+    for file, hf_keys in by_file.items():
+        with open_weights(file) as reader:
+            for hf_key in reader.ordered(hf_keys):
+                flax_path, transpose = key_map[hf_key]
+                flax_path = tuple(flax_path)
+                leaf = abstract[flax_path]
+                array = reader.read(hf_key)
+                if tuple(array.shape) != _hf_shape(leaf, transpose):
+                    raise ValueError(
+                        f"key {hf_key!r} in {file} has shape {tuple(array.shape)}, expected "
+                        f"{_hf_shape(leaf, transpose)} (Flax {'/'.join(flax_path)} {tuple(leaf.shape)}"
+                        f"{', transposed' if transpose else ''})"
+                    )
+                # On CPU, device_put adopts the reader's fresh aligned buffer without a copy; a
+                # transpose is copied by XLA's blocked transpose (5x numpy's); the cast runs in XLA.
+                sharding = None if shardings is None else shardings[flax_path]
+                value = jax.device_put(array.T if transpose else array, sharding)
+                del array
+                if value.dtype != leaf.dtype:
+                    value = value.astype(leaf.dtype)
+                if flax_path in flat:  # a tied name: it must repeat the tensor already loaded
+                    if not bool(jnp.array_equal(flat[flax_path], value)):
+                        raise ValueError(
+                            f"key {hf_key!r} in {file} differs from {filled_by[flax_path]!r}, but the "
+                            f"{family.name} model ties both to {'/'.join(flax_path)}"
+                        )
+                    continue
+                flat[flax_path], filled_by[flax_path] = value, hf_key
+                del value
+        gc.collect()  # close the shard's mmap before the next one is touched
+    if lora is not None:
+        flat.update(_init_adapters(model, seed, shardings))
+    _HF_CONFIGS[id(config)] = (config, hf_config)
+    return model, traverse_util.unflatten_dict(flat)
+
+
+def _resolve_config(model_or_config, hf_config: dict | None) -> tuple[ModelFamily, Any, dict]:
+    """(family, family config, config.json dict) from a model, a family config or a dict."""
+    if isinstance(model_or_config, dict):
+        hf_config = hf_config or model_or_config
+        config = None
+    else:
+        config = getattr(model_or_config, "config", model_or_config)
+        if hf_config is None:
+            hf_config = getattr(config, "hf_config", None) or None  # families default it to {}
+        if hf_config is None and id(config) in _HF_CONFIGS:
+            hf_config = _HF_CONFIGS[id(config)][1]
+        if hf_config is None:
+            raise ValueError(
+                "save_pretrained needs the model's config.json dict: pass a model or config from "
+                "load_pretrained, the dict itself, or hf_config=..."
+            )
+    family = detect_family(hf_config, source="the config dict")
+    if config is None:
+        config = family_config(family, hf_config, "the config dict")
+    return family, config, hf_config
+
+
+def save_pretrained(
+    model_or_config,
+    params: dict,
+    path: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    max_shard_size: int | str = "5GB",
+    hf_config: dict | None = None,
+) -> Path:
+    """Write `params` (no adapters) as an HF folder: config.json + model.safetensors (sharded,
+    with model.safetensors.index.json, above `max_shard_size`), under the original HF names.
+
+    model_or_config: a model or config from `load_pretrained`, or the config.json dict (or pass
+    `hf_config`). dtype: of the written tensors (None: each parameter's own). The folder is
+    written beside `path` and renamed into place; files of an existing folder that are not
+    weights or config.json (tokenizer files, ...) are kept.
+    """
+    if set(params) == {"params"}:
+        params = params["params"]
+    flat = traverse_util.flatten_dict(params)
+    adapters = [p for p in flat if is_adapter_path(p)]
+    if adapters:
+        raise ValueError(
+            f"params still hold CGC-LoRA adapters (e.g. {'/'.join(adapters[0])}): fold a task into "
+            "the base first with cgc_lora_jax.merge.merge_task(params, task, cfg), then save that"
+        )
+    family, config, hf_config = _resolve_config(model_or_config, hf_config)
+    model = family.build(config, dtype=jnp.float32, param_dtype=jnp.float32, lora=None, remat=False)
+    expected = abstract_params(model, with_adapters=False)
+    for p in expected.keys() - flat.keys():
+        raise ValueError(f"params lack {'/'.join(p)} of shape {expected[p].shape}, which the model has")
+    for p in flat.keys() - expected.keys():
+        raise ValueError(f"params hold {'/'.join(p)}, which the {family.name} model does not have")
+    for p, leaf in expected.items():
+        if tuple(np.shape(flat[p])) != tuple(leaf.shape):
+            raise ValueError(f"params {'/'.join(p)} has shape {np.shape(flat[p])}, expected {leaf.shape}")
+
+    key_map = family.key_map(config)
+    _targets(family, key_map, expected)
+    out_dtype = None if dtype is None else np.dtype(dtype)
+    tensors = []
+    for hf_key, (flax_path, transpose) in key_map.items():
+        leaf = flat[tuple(flax_path)]
+        tensor_dtype = out_dtype or np.dtype(leaf.dtype)
+
+        def produce(leaf=leaf, transpose=transpose, tensor_dtype=tensor_dtype):
+            value = jnp.asarray(leaf)  # transpose and cast in XLA: ~5x numpy's strided copy
+            return np.asarray((value.T if transpose else value).astype(tensor_dtype))
+
+        tensors.append(TensorSpec(hf_key, _hf_shape(leaf, transpose), tensor_dtype, produce))
+    config_out = dict(hf_config)
+    dtype_name = main_dtype_name(tensors)
+    for field in ("torch_dtype", "dtype"):
+        if field in config_out or (field == "torch_dtype" and "dtype" not in config_out):
+            config_out[field] = dtype_name
+    return write_folder(Path(path), tensors, config_out, parse_size(max_shard_size))
+
+
+# --- Weights files: locating, reading one tensor at a time, writing -------------------------
+
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+WEIGHT_NAMES = (SAFETENSORS_INDEX, SAFETENSORS, BIN_INDEX, BIN)  # looked for in this order
+_WEIGHT_FILE = re.compile(r"(model.*\.safetensors|pytorch_model.*\.bin)(\.index\.json)?")
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+def locate_tensors(folder: Path) -> dict[str, Path]:
+    """{HF tensor name: the weights file holding it}, from the index or the single file."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    for name in WEIGHT_NAMES:
+        file = folder / name
+        if not file.is_file():
+            continue
+        if name.endswith(".index.json"):
+            try:
+                weight_map = json.loads(file.read_text())["weight_map"]
+                shards = {str(key): folder / str(shard) for key, shard in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{file} is not a valid index (needs a 'weight_map' object): {e!r}") from e
+            for key, shard in shards.items():
+                if not shard.is_file():
+                    raise FileNotFoundError(
+                        f"{file} names shard {shard.name!r} (for key {key!r}), which is not in {folder}"
+                    )
+            return shards
+        with open_weights(file) as reader:
+            return {key: file for key in reader.keys()}
+    raise FileNotFoundError(f"no weights in {folder}: looked for {', '.join(WEIGHT_NAMES)}")
+
+
+@contextlib.contextmanager
+def open_weights(file: Path):
+    """A reader with keys(), ordered(keys) (file order) and read(key) -> numpy array."""
+    reader = _SafetensorsReader(file) if file.name.endswith(".safetensors") else _TorchReader(file)
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
+def _aligned_bytes(nbytes: int, alignment: int = 64) -> np.ndarray:
+    """An uninitialised uint8 buffer whose start is `alignment`-aligned (XLA CPU's requirement
+    for adopting host memory without a copy)."""
+    raw = np.empty(nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start : start + nbytes]
+
+
+class _SafetensorsReader:
+    """Parses the header, then reads each tensor into its own buffer (no mmap of the file)."""
+
+    def __init__(self, file: Path):
+        self.file, size = file, file.stat().st_size
+        self.handle = open(file, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        try:
+            (header_len,) = struct.unpack("<Q", self.handle.read(8))
+            if header_len > size - 8:
+                raise ValueError(f"header of {header_len} bytes, but the file has {size} bytes")
+            header = json.loads(self.handle.read(header_len))
+            header.pop("__metadata__", None)
+            self.entries = {}
+            for key, info in header.items():
+                dtype, shape = np.dtype(_ST_DTYPES[info["dtype"]]), tuple(info["shape"])
+                begin, end = info["data_offsets"]
+                if end - begin != math.prod(shape) * dtype.itemsize or 8 + header_len + end > size:
+                    raise ValueError(f"tensor {key!r} needs data bytes {begin}..{end}, beyond the file's end")
+                self.entries[key] = (dtype, shape, 8 + header_len + begin)
+            with safe_open(str(file), framework="numpy"):  # the library's own checks
+                pass
+        except Exception as e:  # noqa: BLE001 - every parse failure means the same to the user
+            self.handle.close()
+            raise ValueError(f"{file} is not a valid safetensors file (truncated or corrupt): {e}") from e
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def ordered(self, keys) -> list[str]:
+        return sorted(keys, key=lambda k: self.entries.get(k, (None, None, -1))[2])
+
+    def read(self, key: str) -> np.ndarray:
+        if key not in self.entries:
+            raise ValueError(f"key {key!r} is not in {self.file}, though the index names that file for it")
+        dtype, shape, start = self.entries[key]
+        buffer = _aligned_bytes(math.prod(shape) * dtype.itemsize)
+        view, done = memoryview(buffer), 0
+        self.handle.seek(start)
+        while done < buffer.size:  # raw reads may return less (Linux caps one read near 2 GiB)
+            got = self.handle.readinto(view[done:])
+            if not got:
+                raise ValueError(f"{self.file} is truncated: key {key!r} ends past the end of the file")
+            done += got
+        return buffer.view(dtype).reshape(shape)
+
+    def close(self):
+        self.handle.close()
+
+
+def _import_torch(file: Path):
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"reading {file} needs torch (pip install 'cgc-lora-jax[test]', or torch); "
+            "safetensors checkpoints (model.safetensors) do not"
+        ) from e
+    return torch
+
+
+class _TorchReader:
+    """torch.load(mmap=True): tensors stay in the file until read; close() drops the mapping."""
+
+    def __init__(self, file: Path):
+        self.file, self.torch = file, _import_torch(file)
+        try:
+            try:
+                self.state = self.torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):  # the legacy (pre zip) format cannot be mapped
+                    raise
+                self.state = self.torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"cannot read {file} with torch.load (truncated or corrupt?): {e}") from e
+        if not isinstance(self.state, dict):
+            raise ValueError(f"{file} holds a {type(self.state).__name__}, not a state dict of tensors")
+
+    def keys(self) -> list[str]:
+        return list(self.state)
+
+    def ordered(self, keys) -> list[str]:
+        order = {k: i for i, k in enumerate(self.state)}
+        return sorted(keys, key=lambda k: order.get(k, -1))
+
+    def read(self, key: str) -> np.ndarray:
+        if key not in self.state:
+            raise ValueError(f"key {key!r} is not in {self.file}, though the index names that file for it")
+        # A copy out of the mapped file (torch allocates 64-byte aligned), so that no parameter
+        # aliases the file: rewriting it later could not corrupt (SIGBUS) a loaded model.
+        tensor = self.state[key].clone()
+        if tensor.dtype == self.torch.bfloat16:  # numpy has no bfloat16: view the bits
+            return tensor.view(self.torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return tensor.numpy()
+
+    def close(self):
+        self.state = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to write: its name, shape and dtype now, its data from produce() when written."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    produce: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+def write_safetensors(file: Path, tensors: list[TensorSpec]) -> None:
+    """Header first (shapes are known), then each tensor's bytes as it is produced."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}  # transformers requires "format"
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": _ST_NAMES[np.dtype(t.dtype)], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}  # fmt: skip
+        offset += t.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors:
+            array = np.ascontiguousarray(t.produce())
+            if array.shape != tuple(t.shape) or array.dtype != np.dtype(t.dtype):
+                raise ValueError(f"{t.name}: made {array.dtype}{array.shape}, declared {t.dtype}{t.shape}")
+            f.write(array.reshape(-1).view(np.uint8).data)
+            del array
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def main_dtype_name(tensors: list[TensorSpec]) -> str:
+    """The dtype holding most bytes, as config.json's torch_dtype names it ("bfloat16", ...)."""
+    size: dict[str, int] = defaultdict(int)
+    for t in tensors:
+        size[np.dtype(t.dtype).name] += t.nbytes
+    return max(size, key=size.get)
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from 5_000_000, "5MB" (10^6) or "5MiB" (2^20)."""
+    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", str(size).upper())
+    if match is None:
+        raise ValueError(f"max_shard_size={size!r}: expected bytes or e.g. '2GB', '500MB', '1GiB'")
+    count = int(float(match[1]) * units[match[2] or "B"])
+    if count <= 0:
+        raise ValueError(f"max_shard_size={size!r} must be positive")
+    return count
+
+
+def write_folder(target: Path, tensors: list[TensorSpec], config: dict, max_shard_bytes: int) -> Path:
+    """Write the weights (sharded above max_shard_bytes) and config.json to a temporary folder
+    beside `target`, then rename it into place."""
+    shards: list[list[TensorSpec]] = [[]]
+    for t in tensors:
+        if shards[-1] and sum(s.nbytes for s in shards[-1]) + t.nbytes > max_shard_bytes:
+            shards.append([])
+        shards[-1].append(t)
+    target = target.absolute()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        if len(shards) == 1:
+            write_safetensors(tmp / SAFETENSORS, shards[0])
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                write_safetensors(tmp / name, shard)
+                weight_map.update({t.name: name for t in shard})
+            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
+            (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Rename tmp to target; an existing target's other files (tokenizer, ...) are carried over."""
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    for entry in target.iterdir():
+        if entry.name == "config.json" or _WEIGHT_FILE.fullmatch(entry.name) or (tmp / entry.name).exists():
+            continue
+        (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old)
