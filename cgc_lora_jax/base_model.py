@@ -44,8 +44,9 @@ class BaseModel:
 
 
 def tiny_chatglm_config(vocab_size: int) -> dict:
+    # Embedding rows padded to a multiple of 64 so any mesh axis up to 64 divides them.
     return {
-        "model_type": "chatglm", "architectures": ["ChatGLMModel"], "vocab_size": vocab_size,
+        "model_type": "chatglm", "architectures": ["ChatGLMModel"], "vocab_size": -(-vocab_size // 64) * 64,
         "hidden_size": 128, "num_layers": 2, "num_attention_heads": 4, "inner_hidden_size": 512,
         "layernorm_epsilon": 1e-5, "max_sequence_length": 512, "position_encoding_2d": True,
         "pad_token_id": 1, "mask_token_id": 2, "gmask_token_id": 3, "bos_token_id": 4, "eos_token_id": 5,

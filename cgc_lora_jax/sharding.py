@@ -32,7 +32,10 @@ ADAPTER_RULES: tuple[tuple[str, P], ...] = (
 
 
 def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; `shape` maps axis -> size, -1 (once) takes the rest."""
+    """A (data, fsdp, tensor) mesh; `shape` maps axis -> size, -1 (once) takes the rest.
+
+    A shape without -1 uses the first prod(sizes) devices.
+    """
     devices = list(devices if devices is not None else jax.devices())
     shape = dict(shape or {"data": -1})
     unknown = set(shape) - set(MESH_AXES)
@@ -44,9 +47,11 @@ def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device]
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))} does not use {len(devices)} devices")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    used = int(np.prod(sizes))
+    if used == 0 or used > len(devices) or (-1 in shape.values() and used != len(devices)):
+        raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))} does not fit {len(devices)} devices")
+    # A fully explicit shape may use fewer devices than there are (e.g. {"data": 1}).
+    return Mesh(np.asarray(devices[:used]).reshape(sizes), MESH_AXES)
 
 
 def match_partition_rules(rules: Sequence[tuple[str, P]], params) -> dict:

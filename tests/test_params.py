@@ -123,4 +123,4 @@ def test_partition_rules_reject_unmatched_paths():
     with pytest.raises(ValueError, match="no partition rule matches parameter 'dense_h_to_4h/kernel'"):
         match_partition_rules(ADAPTER_RULES, params)
     with pytest.raises(ValueError, match="mesh shape"):
-        make_mesh({"data": 3})
+        make_mesh({"data": 16})

@@ -1,0 +1,94 @@
+"""Training runs on the built-in demo: learning, sharding, kill and resume, NaN stop, outputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cgc_lora_jax.checkpoint import BaseMismatchError
+from cgc_lora_jax.config import load_config
+from cgc_lora_jax.trainer import NonFiniteLossError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+# A few-second demo: small batches, every step logged, no validation unless asked.
+TINY = ["train.batch_size=8", "train.steps=8", "train.lr=2e-2", "train.log_every=1", "train.eval_every=0",
+        "train.checkpoint_every=4", "train.warmup_steps=2", "data.pad_multiple=32"]
+
+
+def tiny_config(*overrides):
+    return load_config("demo", [*TINY, *overrides])
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    train(tiny_config("mesh.data=1"), workdir)
+    return workdir
+
+
+def test_run_writes_its_outputs_and_learns(uninterrupted):
+    run = losses(uninterrupted)
+    assert sorted(run) == list(range(1, 9))
+    assert run[8] < run[1] - 0.3, run  # 8 steps at lr 2e-2 already move the loss
+    for name in ("config.json", "task_vocab.json", "metrics.jsonl", "adapters/meta.json"):
+        assert (uninterrupted / name).is_file(), name
+    assert list((uninterrupted / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "8"]
+    meta = json.loads((uninterrupted / "adapters/meta.json").read_text())
+    assert meta["step"] == 8 and meta["task_vocab"] == json.loads((uninterrupted / "task_vocab.json").read_text())["tasks"]
+    assert json.loads((uninterrupted / "config.json").read_text())["train"]["steps"] == 8
+
+
+def test_sharded_over_8_devices_gives_the_same_losses(tmp_path):
+    short = ["train.steps=3", "train.checkpoint_every=3"]
+    train(tiny_config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", *short), tmp_path / "sharded")
+    train(tiny_config("mesh.data=1", *short), tmp_path / "one_device")
+    sharded, single = losses(tmp_path / "sharded"), losses(tmp_path / "one_device")
+    np.testing.assert_allclose([sharded[s] for s in (1, 2, 3)], [single[s] for s in (1, 2, 3)], rtol=1e-5)
+
+
+def test_killed_run_resumes_to_the_same_losses(uninterrupted, tmp_path):
+    overrides = [f"--config.{o}" for o in TINY + ["mesh.data=1"]]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", "demo", "--workdir", str(tmp_path),
+                             "--no-eval", *overrides], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path / "checkpoints" / "4").is_dir():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(losses(tmp_path))
+    assert killed_at < 8, "the run finished before it was killed"
+    train(tiny_config("mesh.data=1"), tmp_path)  # resumes from checkpoint 4 by itself
+    assert losses(tmp_path) == losses(uninterrupted)  # exactly, every step
+
+
+def test_resume_on_another_base_is_an_error(uninterrupted, tmp_path):
+    import shutil
+
+    shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
+    with pytest.raises(BaseMismatchError, match="was trained on base"):
+        train(tiny_config("mesh.data=1", "model.dtype=bfloat16", "train.steps=12"), tmp_path)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = tiny_config("mesh.data=1", "train.lr=1e12", "train.warmup_steps=0", "train.grad_clip=0.0",
+                      "train.checkpoint_every=1")
+    with pytest.raises(NonFiniteLossError, match=r"the loss is (nan|inf).*last good checkpoint is .*checkpoints/(\d)"):
+        train(cfg, tmp_path)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and all(np.isfinite(v) for v in losses(tmp_path).values())
+    assert max(steps) == max(losses(tmp_path)), "a checkpoint exists for every finite step, none after"
