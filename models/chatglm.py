@@ -357,6 +357,9 @@ def key_map(cfg: ChatGLMConfig) -> KeyMap:
     top = ("transformer",)
     mapping = {
         "transformer.word_embeddings.weight": (top + ("word_embeddings", "embedding"), False),
+        # Tied: the loader checks that lm_head equals the embedding and the saver writes both, so
+        # a checkpoint with an untied head is refused instead of silently loading wrong.
+        "lm_head.weight": (top + ("word_embeddings", "embedding"), False),
         "transformer.final_layernorm.weight": (top + ("final_layernorm", "scale"), False),
         "transformer.final_layernorm.bias": (top + ("final_layernorm", "bias"), False),
     }
@@ -403,10 +406,8 @@ FAMILY = register(
         config_from_hf=ChatGLMConfig.from_hf,
         build=build,
         key_map=key_map,
-        # The model derives inv_freq itself; lm_head is the word embedding matrix (tied).
-        ignored_keys=(
-            r"^(transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq|lm_head\.weight)$"
-        ),
+        # The model derives inv_freq itself.
+        ignored_keys=r"^transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq$",
         partition_rules=PARTITION_RULES,
     )
 )

@@ -121,8 +121,9 @@ def test_key_map_covers_checkpoint_and_model(cfg, state_dict, params):
     key_map = FAMILY.key_map(cfg)
     assert set(key_map) == {k for k in state_dict if not ignored.search(k)}
     assert {k for k in state_dict if ignored.search(k)} == {
-        "lm_head.weight", *(f"transformer.layers.{i}.attention.rotary_emb.inv_freq" for i in range(2))
+        f"transformer.layers.{i}.attention.rotary_emb.inv_freq" for i in range(2)
     }
+    assert key_map["lm_head.weight"] == key_map["transformer.word_embeddings.weight"]  # tied
     model = FAMILY.build(cfg)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
     shapes = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(shapes).items()}
