@@ -295,9 +295,10 @@ class ChatGLMForCausalLM(nn.Module):
         )
         return logits
 
-    def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> dict:
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
         """Empty KV cache: per layer key/value [B, max_length, heads, head_dim], the next write
         slot `index`, which slots hold real tokens (`valid`), and each row's last position pair."""
+        dtype = dtype or self.dtype or jnp.float32  # the cache holds K/V in the compute dtype
         cfg = self.config
         if max_length > cfg.max_sequence_length:
             raise ValueError(f"max_length {max_length} > config max_sequence_length "

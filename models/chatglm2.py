@@ -384,7 +384,8 @@ class ChatGLM2ForCausalLM(nn.Module):
         return logits, cache
 
     @nn.nowrap
-    def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        dtype = dtype or self.dtype or jnp.float32  # the cache holds K/V in the compute dtype
         cfg = self.config
         shape = (batch_size, max_length, cfg.multi_query_group_num, cfg.kv_channels)
         return KVCache(
