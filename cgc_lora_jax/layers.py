@@ -189,17 +189,26 @@ def cgc_lora_dense(
 
     x: [B, ..., d_in]; kernel: [d_in, d_out]; lora: {"A": [d_in, r], "B": [r, d_out]};
     weights: slot weights [B, num_slots] (from `gate_weights` or `uniform_weights`);
-    task_ids: [B]. Matmuls accumulate in float32; the result has x's dtype.
+    task_ids: [B]. Everything computes in x's dtype (the adapter path accumulates in float32);
+    the result has x's dtype.
     """
-    y = jnp.einsum("...i,io->...o", x, kernel, preferred_element_type=jnp.float32)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    y = y + lora_delta(x, lora["A"], lora["B"], rank_scales(weights, task_ids, cfg), cfg.scaling)
-    return y.astype(x.dtype)
+    y = _base_dense(x, kernel, bias)
+    scales = rank_scales(weights, task_ids, cfg)
+    delta = lora_delta(x, lora["A"].astype(x.dtype), lora["B"].astype(x.dtype), scales, cfg.scaling)
+    return (y.astype(jnp.float32) + delta).astype(x.dtype)
 
 
-def _make_gate_params(module: nn.Module, cfg: CGCLoRAConfig, param_dtype) -> dict:
-    """Declare the gate's parameters E [d_e, M], W_c [d_e, N_c], V [d_e, M] on `module`."""
+def _base_dense(x: Array, kernel: Array, bias: Array | None) -> Array:
+    """x W0 + b in x's dtype. The output is not requested in float32 on purpose: its gradient
+    then arrives in x's dtype too, so the backward matmuls read the bf16 kernel as it is instead
+    of a float32 copy of every frozen weight (the hardware still accumulates in float32)."""
+    y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+    return y if bias is None else y + bias.astype(x.dtype)
+
+
+def _make_gate_params(module: nn.Module, cfg: CGCLoRAConfig) -> dict:
+    """Declare the gate's parameters E [d_e, M], W_c [d_e, N_c], V [d_e, M] (float32) on `module`."""
+    param_dtype = jnp.float32
     d_e = cfg.task_embed_dim
     params = {
         "task_embedding": module.param(
@@ -218,11 +227,10 @@ class TaskGate(nn.Module):
     """The task-motivated gate's parameters; returns slot weights [B, num_slots]."""
 
     cfg: CGCLoRAConfig
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, task_ids: Array) -> Array:
-        return gate_weights(_make_gate_params(self, self.cfg, self.param_dtype), task_ids, self.cfg)
+        return gate_weights(_make_gate_params(self, self.cfg), task_ids, self.cfg)
 
 
 class TaskRouting(nn.Module):
@@ -232,7 +240,6 @@ class TaskRouting(nn.Module):
     """
 
     cfg: CGCLoRAConfig
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, task_ids: Array | None, batch_size: int) -> AdapterInputs:
@@ -248,24 +255,27 @@ class TaskRouting(nn.Module):
             raise ValueError(f"task_ids has shape {task_ids.shape}, expected ({batch_size},)")
         weights = None
         if self.cfg.gate == "shared":
-            weights = gate_weights(_make_gate_params(self, self.cfg, self.param_dtype), task_ids, self.cfg)
+            weights = gate_weights(_make_gate_params(self, self.cfg), task_ids, self.cfg)
         return AdapterInputs(task_ids=task_ids, gate_weights=weights)
 
 
 class ExpertBank(nn.Module):
-    """The concatenated experts A [d_in, r] and B [r, d_out] of one layer (and its gate)."""
+    """The concatenated experts A [d_in, r] and B [r, d_out] of one layer (and its gate).
+
+    Master weights are float32 whatever the base's dtype (small updates survive, and the
+    optimizer state is float32); they are cast to the activation dtype for the matmuls.
+    """
 
     cfg: CGCLoRAConfig
     features: int
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, adapters: AdapterInputs, deterministic: bool = True) -> Array:
         cfg, r = self.cfg, self.cfg.total_rank
-        lora_a = self.param("A", nn.initializers.normal(cfg.init_std), (x.shape[-1], r), self.param_dtype)
-        lora_b = self.param("B", nn.initializers.zeros, (r, self.features), self.param_dtype)
+        lora_a = self.param("A", nn.initializers.normal(cfg.init_std), (x.shape[-1], r), jnp.float32)
+        lora_b = self.param("B", nn.initializers.zeros, (r, self.features), jnp.float32)
         if cfg.gate == "per_layer":
-            weights = TaskGate(cfg, self.param_dtype, name="gate")(adapters.task_ids)
+            weights = TaskGate(cfg, name="gate")(adapters.task_ids)
         elif cfg.gate == "uniform":
             weights = uniform_weights(adapters.task_ids, cfg)
         elif adapters.gate_weights is None:
@@ -277,15 +287,16 @@ class ExpertBank(nn.Module):
             weights = adapters.gate_weights
         if cfg.dropout:
             x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-        x = x.astype(lora_a.dtype) if lora_a.dtype != x.dtype else x
-        return lora_delta(x, lora_a, lora_b, rank_scales(weights, adapters.task_ids, cfg), cfg.scaling)
+        scales = rank_scales(weights, adapters.task_ids, cfg)
+        return lora_delta(x, lora_a.astype(x.dtype), lora_b.astype(x.dtype), scales, cfg.scaling)
 
 
 class Dense(nn.Module):
     """`nn.Dense` with the same parameters (kernel [d_in, d_out], bias), plus CGC-LoRA experts
     in the child "lora" when `lora` is set and its `targets` regex matches this layer's path.
 
-    Matmuls accumulate in float32 and the output has `dtype` (default: x's dtype).
+    Computes in `dtype` (default: x's dtype); the adapters add their float32-accumulated update
+    (`ExpertBank`) before the cast back to `dtype`.
     """
 
     features: int
@@ -306,14 +317,12 @@ class Dense(nn.Module):
     ) -> Array:
         dtype = self.dtype or x.dtype
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         x = x.astype(dtype)
-        y = jnp.einsum("...i,io->...o", x, kernel.astype(dtype), preferred_element_type=jnp.float32)
-        if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(jnp.float32)
-        if self.is_adapted:
-            if adapters is None:
-                raise ValueError(f"layer {'/'.join(self.path)} has CGC-LoRA adapters: pass AdapterInputs")
-            y = y + ExpertBank(self.lora, self.features, self.param_dtype, name="lora")(
-                x, adapters, deterministic
-            )
-        return y.astype(dtype)
+        y = _base_dense(x, kernel, bias)
+        if not self.is_adapted:
+            return y
+        if adapters is None:
+            raise ValueError(f"layer {'/'.join(self.path)} has CGC-LoRA adapters: pass AdapterInputs")
+        delta = ExpertBank(self.lora, self.features, name="lora")(x, adapters, deterministic)
+        return (y.astype(jnp.float32) + delta).astype(dtype)

@@ -282,7 +282,7 @@ class ChatGLMForCausalLM(nn.Module):
             self.config, self.dtype, self.param_dtype, self.lora, self.remat
         )
         if self.lora is not None:
-            self.task_gate = TaskRouting(self.lora, self.param_dtype)
+            self.task_gate = TaskRouting(self.lora)
 
     def _adapters(self, task_ids, batch_size: int) -> AdapterInputs | None:
         return None if self.lora is None else self.task_gate(task_ids, batch_size)

@@ -400,7 +400,7 @@ class ChatGLM2ForCausalLM(nn.Module):
     def _forward(self, input_ids, positions, allowed, task_ids, layer_caches, deterministic):
         adapters: AdapterInputs | None = None
         if self.lora is not None:
-            gate = TaskRouting(self.lora, self.param_dtype, name="task_gate")
+            gate = TaskRouting(self.lora, name="task_gate")
             adapters = gate(task_ids, input_ids.shape[0])
         transformer = ChatGLM2Model(
             self.config, self.lora, self.dtype, self.param_dtype, self.remat, name="transformer"

@@ -313,7 +313,7 @@ class LlamaForCausalLM(nn.Module):
         if not self.config.tie_word_embeddings:
             self.lm_head = Dense(self.config.vocab_size, False, self.lora, self.dtype, self.param_dtype)
         if self.lora is not None:
-            self.task_gate = TaskRouting(self.lora, self.param_dtype)
+            self.task_gate = TaskRouting(self.lora)
 
     def _adapters(self, task_ids, batch_size) -> AdapterInputs | None:
         return None if self.lora is None else self.task_gate(task_ids, batch_size)

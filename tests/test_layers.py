@@ -40,7 +40,7 @@ class OneLayer(nn.Module):
     def __call__(self, x, task_ids, deterministic=True):
         adapters = None
         if self.cfg is not None:
-            adapters = TaskRouting(self.cfg, self.param_dtype, name="task_gate")(task_ids, x.shape[0])
+            adapters = TaskRouting(self.cfg, name="task_gate")(task_ids, x.shape[0])
         return Dense(D_OUT, lora=self.cfg, param_dtype=self.param_dtype, name="query_key_value")(
             x, adapters, deterministic
         )
@@ -198,7 +198,9 @@ def test_remat_gives_same_values_and_gradients(x):
 def test_bf16_params_and_activations_accumulate_in_float32(x):
     cfg = MODES["shared"]
     module, params = init(cfg, x, param_dtype=jnp.bfloat16)
-    assert params["query_key_value"]["lora"]["A"].dtype == jnp.bfloat16
+    assert params["query_key_value"]["kernel"].dtype == jnp.bfloat16
+    assert params["query_key_value"]["lora"]["A"].dtype == jnp.float32  # float32 master weights
+    assert params["task_gate"]["task_embedding"].dtype == jnp.float32
     params = randomize_adapters(params)
     y = module.apply({"params": params}, x.astype(jnp.bfloat16), jnp.asarray(TASKS))
     assert y.dtype == jnp.bfloat16
