@@ -262,9 +262,9 @@ class GLMTransformer(nn.Module):
             x, kv = layer(x, position_ids, visible, adapters, deterministic, kv)
             new_caches.append(kv)
         x = layer_norm(x, cfg, self.param_dtype, "final_layernorm")
-        logits = jnp.einsum(
-            "btd,vd->btv", x, embed.embedding.astype(self.dtype), preferred_element_type=jnp.float32
-        )
+        # In the compute dtype, then float32, as the original casts lm_logits before the loss; a
+        # float32 output would make the backward read a float32 copy of the whole embedding.
+        logits = jnp.einsum("btd,vd->btv", x, embed.embedding.astype(self.dtype)).astype(jnp.float32)
         return logits, None if kv_caches is None else new_caches
 
 
