@@ -187,3 +187,27 @@ def test_chatglm_families_generate_the_reference_ids(version):
         eos_token_id=int(ref["special_eos_id"]), pad_token_id=int(ref["special_pad_id"]),
     )
     np.testing.assert_array_equal(np.asarray(got), ref["gen_new_ids"])
+
+
+def test_generate_on_8_devices_equals_one_device():
+    """Parameters placed by the llama partition rules on a (data, fsdp, tensor) = (2, 2, 2) mesh
+    and the batch split over data x fsdp: the same new ids and the same sampled ids as one device."""
+    from jax.sharding import NamedSharding
+
+    from cgc_lora_jax.sharding import BATCH_SPEC, make_mesh, match_partition_rules, named_shardings
+    from models.family import FAMILIES
+
+    _, model, params = tiny_llama()
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded = jax.device_put(params, named_shardings(mesh, match_partition_rules(FAMILIES["llama"].partition_rules, params)))
+    assert len(sharded["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"].sharding.device_set) == 8
+    ids, mask = prompts(lengths=(9, 5, 2, 7), seed=5)
+    batch = NamedSharding(mesh, BATCH_SPEC)
+    ids_s, mask_s = jax.device_put(jnp.asarray(ids), batch), jax.device_put(jnp.asarray(mask), batch)
+    kw = dict(eos_token_id=2, pad_token_id=PAD, max_new_tokens=NEW)
+    single = gen.generate(model, params, ids, mask, **kw)
+    np.testing.assert_array_equal(gen.generate(model, sharded, ids_s, mask_s, **kw), single)
+    sample = dict(kw, do_sample=True, temperature=0.8, top_k=20, rng=jax.random.key(1))
+    np.testing.assert_array_equal(
+        gen.generate(model, sharded, ids_s, mask_s, **sample), gen.generate(model, params, ids, mask, **sample)
+    )
