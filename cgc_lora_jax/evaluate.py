@@ -1,21 +1,28 @@
 """Generate answers for a trained run and score them.
 
 Two ways to serve the adapters, the same answers either way (up to float rounding):
-  merged (default)  per task, the task's experts folded into the base weights (paper eq. 8) and
-                    that task's prompts generated in batches at the base model's cost;
+  merged (default)  per task, the task's experts folded into the base weights (paper eq. 8 and
+                    section 4.3) and that task's prompts generated in batches at the base
+                    model's cost;
   fused             one pass over mixed-task batches with the adapters applied on the fly.
 
 Predictions are written in the PromptCBLUE submission format (each input record with `target`
-replaced by the model's output) to WORKDIR/predictions_<split>.jsonl, the scores to
-WORKDIR/scores_<split>.json ({task: score, "average": mean}) and a Markdown table beside it.
+replaced by the model's output) to OUT/predictions_<split>.jsonl, the scores to
+OUT/scores_<split>.json ({task: score, "average": mean}) with a Markdown table
+(scores_<split>.md) and a bar chart (scores_<split>.png) beside it; OUT is the run's workdir
+unless `out_dir` is given. The baselines that are not trained runs (cgc_lora_jax.lorahub,
+cgc_lora_jax.icl) write the same files through `write_results`.
 
     scores = evaluate_run("runs/demo", split="test")
+    scores = evaluate_run("runs/demo", split="test", fused=True, out_dir="runs/demo/fused")
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,20 +30,72 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from cgc_lora_jax.base_model import load_base
+from cgc_lora_jax.base_model import BaseModel, load_base
 from cgc_lora_jax.batching import make_batch
 from cgc_lora_jax.checkpoint import load_adapters
+from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.merge import merge_task
 from cgc_lora_jax.params import join_params, split_params
-from cgc_lora_jax.scoring import score_records
+from cgc_lora_jax.report import write_scores
+from cgc_lora_jax.scoring import BENCHMARKS, score_records
 from cgc_lora_jax.trainer import encode, lora_config, read_data
 
 
+class RunError(ValueError):
+    """A run that cannot be evaluated as asked (another base, a layout the method cannot use)."""
+
+
 def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
-    path = workdir / "config.json"
+    path = Path(workdir) / "config.json"
+    if not Path(workdir).is_dir():
+        raise FileNotFoundError(f"{workdir} does not exist: pass the --workdir of a training run")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {workdir} is not a training run's workdir")
     return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A trained run, ready to generate: its config, data split, base model and adapters."""
+
+    workdir: Path
+    cfg: ml_collections.ConfigDict
+    vocab: Any  # TaskVocab of the run
+    split: str
+    records: list[dict]  # the split's records in file order (PromptCBLUE fields)
+    prompts: Any  # EncodedSplit of their generation prompts
+    base: BaseModel  # base.model carries the adapters
+    lora: CGCLoRAConfig
+    params: dict  # the frozen base joined with the trained adapters
+    train: Any = None  # the training split's records (a datasets.Dataset) when asked for
+
+
+def load_run(workdir: str | Path, split: str | None = None, with_train: bool = False) -> LoadedRun:
+    """Everything needed to generate for `split` (default: the run's eval.split)."""
+    workdir = Path(workdir)
+    cfg = load_run_config(workdir)
+    split = split or cfg.eval.split
+    adapters_dir = workdir / "adapters"
+    if not (adapters_dir / "meta.json").is_file():
+        raise FileNotFoundError(
+            f"{adapters_dir} holds no trained adapters (meta.json): training writes them when it "
+            f"ends; finish or resume the run (python train.py --config NAME --workdir {workdir})")
+    wanted = ("train", split) if with_train and split != "train" else (split,)
+    splits, vocab = read_data(cfg, workdir, splits=wanted, prediction_splits=(split,))
+    records = list(splits.datasets[split])
+    lora = lora_config(cfg, len(vocab.tasks))
+    base = load_base(cfg.model, lora=lora, workdir=workdir)
+    frozen, fresh = split_params(base.params)
+    adapters, meta = load_adapters(adapters_dir, jax.device_get(fresh))
+    if meta["base"]["fingerprint"] != base.info["fingerprint"]:
+        raise RunError(
+            f"{adapters_dir} were trained on base {meta['base']['path']} (fingerprint "
+            f"{meta['base']['fingerprint'][:12]}), but the base loaded now is {base.info['path']} (fingerprint "
+            f"{base.info['fingerprint'][:12]}): the base model (or, for a builtin base, the code that builds "
+            "it) changed since training; evaluate with that base or train again")
+    prompts = encode(cfg, records, base, vocab, for_prediction=True)
+    return LoadedRun(workdir, cfg, vocab, split, records, prompts, base, lora, join_params(frozen, adapters),
+                     splits.datasets["train"] if with_train else None)
 
 
 def _stop_ids(tokenizer) -> list[int]:
@@ -50,75 +109,103 @@ def decode_answer(tokenizer, ids) -> str:
     return tokenizer.decode(ids[:cut]).strip()
 
 
-def _generate_rows(model, params, split, rows, batch_size, cfg, tokenizer, fused: bool) -> dict[int, str]:
+def generate_answers(model, params, prompts, rows, cfg, tokenizer, with_task_ids: bool, bar=None) -> dict[int, str]:
+    """{row: answer text} for the prompts `rows` of an EncodedSplit, greedy, in fixed-size batches.
+
+    with_task_ids: give each row's task ID to the model (a model with adapters; fused serving);
+    a plain model (merged weights, or the base alone) takes none.
+    """
     from models.generate import generate
 
+    batch_size = cfg.eval.batch_size
     answers = {}
     for start in range(0, len(rows), batch_size):
         chunk = np.full(batch_size, -1, np.int64)
         chunk[: len(rows[start : start + batch_size])] = rows[start : start + batch_size]
-        batch = make_batch(split, chunk, pad_multiple=cfg.data.pad_multiple, padding_side="left")
+        batch = make_batch(prompts, chunk, pad_multiple=cfg.data.pad_multiple, padding_side="left")
         new_ids = generate(
             model, params, jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask),
-            jnp.asarray(batch.task_ids) if fused else None, max_new_tokens=cfg.eval.max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=split.pad_id,
+            jnp.asarray(batch.task_ids) if with_task_ids else None, max_new_tokens=cfg.eval.max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=prompts.pad_id,
         )
         for index, ids in zip(chunk, jax.device_get(new_ids)):
             if index >= 0:
                 answers[int(index)] = decode_answer(tokenizer, ids)
+        if bar is not None:
+            bar.update(int((chunk >= 0).sum()))
     return answers
 
 
-def markdown_table(scores: dict[str, float], title: str) -> str:
-    tasks = [t for t in scores if t != "average"]
-    header = "| run | " + " | ".join(tasks) + " | Avg. |"
-    line = "|---" * (len(tasks) + 2) + "|"
-    row = f"| {title} | " + " | ".join(f"{100 * scores[t]:.2f}" for t in tasks) + f" | {100 * scores['average']:.2f} |"
-    return "\n".join([header, line, row]) + "\n"
+def benchmark_of(cfg) -> str:
+    return "demo" if cfg.data.format == "demo" else cfg.data.format
 
 
-def evaluate_run(workdir: str | Path, split: str = "test", fused: bool = False) -> dict[str, float]:
-    workdir = Path(workdir)
-    cfg = load_run_config(workdir)
-    splits, vocab = read_data(cfg, workdir, splits=(split,), prediction_splits=(split,))
-    records = list(splits.datasets[split])
-    lora = lora_config(cfg, len(vocab.tasks))
-    base = load_base(cfg.model, lora=lora, workdir=workdir)
-    adapters, meta = load_adapters(workdir / "adapters", jax.device_get(split_params(base.params)[1]))
-    if meta["base"]["fingerprint"] != base.info["fingerprint"]:
-        raise ValueError(f"{workdir}/adapters were trained on {meta['base']['path']}, not on {base.info['path']}")
-    params = join_params(split_params(base.params)[0], adapters)
-    prompts = encode(cfg, records, base, vocab, for_prediction=True)
+def split_file(cfg, workdir: str | Path, split: str) -> Path | None:
+    """The split's file when its records are in the submission format (PromptCBLUE, demo)."""
+    from cgc_lora_jax.trainer import data_folder
 
-    answers: dict[int, str] = {}
-    bar = tqdm(total=len(records), desc=f"eval {split}", unit="sample")
+    return data_folder(cfg, Path(workdir)) / f"{split}.json" if cfg.data.format in ("promptcblue", "demo") else None
+
+
+def submission_records(records: list[dict], answers: dict[int, str], source: Path | None = None) -> list[dict]:
+    """Each record with `target` replaced by its answer. With `source` (the PromptCBLUE-format
+    file the records were read from) a record is that file's own JSON object, fields and order
+    unchanged; otherwise it is the reader's row (PromptCBLUE field names) without line_number."""
+    lines = open(source, "rb").readlines() if source is not None else None
+    predictions = []
+    for i, record in enumerate(records):
+        if lines is not None:
+            raw = json.loads(lines[record["line_number"] - 1])
+        else:
+            raw = {k: v for k, v in record.items() if k != "line_number"}
+        predictions.append({**raw, "target": answers[i]})
+    return predictions
+
+
+def write_results(out_dir: str | Path, split: str, records: list[dict], answers: dict[int, str],
+                  benchmark: str, title: str, source: Path | None = None) -> dict[str, float]:
+    """Write the predictions (see `submission_records`), then (when the records have gold
+    targets) score them and write the scores, table and chart; returns the scores ({} when
+    nothing could be scored)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictions = submission_records(records, answers, source)
+    pred_path = out_dir / f"predictions_{split}.jsonl"
+    pred_path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8")
+    if not all(r["target"] for r in records):
+        print(f"{split} has no gold targets: predictions written to {pred_path}, nothing scored")
+        return {}
+    if benchmark not in BENCHMARKS:
+        print(f"no scorer for data format {benchmark!r} (scorers: {', '.join(BENCHMARKS)}): "
+              f"predictions written to {pred_path}, nothing scored")
+        return {}
+    scores = score_records(predictions, records, benchmark=benchmark)
+    print(write_scores(out_dir, split, scores, title))
+    for record in predictions[:3]:
+        print(f"[{record['task_dataset']}] {record['input'][-40:]!r} -> {record['target']!r}")
+    return scores
+
+
+def evaluate_run(workdir: str | Path, split: str | None = None, fused: bool = False,
+                 out_dir: str | Path | None = None) -> dict[str, float]:
+    """Generate and score `split` (default: the run's eval.split) of a trained run; see above."""
+    run = load_run(workdir, split)
+    records, prompts, tokenizer = run.records, run.prompts, run.base.tokenizer
+    bar = tqdm(total=len(records), desc=f"eval {run.split}" + (" fused" if fused else ""), unit="sample")
     if fused:
-        answers = _generate_rows(base.model, params, prompts, np.arange(len(records)), cfg.eval.batch_size, cfg, base.tokenizer, True)
-        bar.update(len(records))
+        answers = generate_answers(run.base.model, run.params, prompts, np.arange(len(records)), run.cfg,
+                                   tokenizer, True, bar)
     else:
-        plain = base.model.clone(lora=None)
-        for task_id, task in enumerate(vocab.tasks):
+        answers = {}
+        plain = run.base.model.clone(lora=None)
+        for task_id, task in enumerate(run.vocab.tasks):
             rows = np.flatnonzero(prompts.task_ids == task_id)
             if len(rows) == 0:
                 continue
             bar.set_postfix(task=task)
-            merged = merge_task(params, task_id, lora)
-            answers.update(_generate_rows(plain, merged, prompts, rows, cfg.eval.batch_size, cfg, base.tokenizer, False))
-            bar.update(len(rows))
+            merged = merge_task(run.params, task_id, run.lora)
+            answers.update(generate_answers(plain, merged, prompts, rows, run.cfg, tokenizer, False, bar))
     bar.close()
-
-    predictions = [{**record, "target": answers[i]} for i, record in enumerate(records)]
-    pred_path = workdir / f"predictions_{split}.jsonl"
-    pred_path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8")
-    benchmark = "demo" if cfg.data.format == "demo" else cfg.data.format
-    if not all(r["target"] for r in records):
-        print(f"{split} has no gold targets: predictions written to {pred_path}, nothing scored")
-        return {}
-    scores = score_records(predictions, records, benchmark=benchmark)
-    (workdir / f"scores_{split}.json").write_text(json.dumps(scores, indent=2, ensure_ascii=False) + "\n")
-    table = markdown_table(scores, workdir.name)
-    (workdir / f"scores_{split}.md").write_text(table, encoding="utf-8")
-    print(table)
-    for record in predictions[:3]:
-        print(f"[{record['task_dataset']}] {record['input'][-40:]!r} -> {record['target']!r}")
-    return scores
+    out_dir = Path(out_dir) if out_dir is not None else run.workdir
+    return write_results(out_dir, run.split, records, answers, benchmark_of(run.cfg), out_dir.name,
+                         split_file(run.cfg, run.workdir, run.split))
