@@ -16,13 +16,17 @@ machine noise hits all of them alike. Prints a table, then one JSON line of the 
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cgc_lora_jax.layers import CGCLoRAConfig, cgc_lora_dense, gate_weights
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+
+from cgc_lora_jax.layers import CGCLoRAConfig, cgc_lora_dense, gate_weights  # noqa: E402
 
 SHAPES = ((1, 3), (1, 1), (1, 4), (4, 1))  # (d_in, d_out) of the four layers, in units of d
 
@@ -112,7 +116,7 @@ def main():
     parser.add_argument("--tasks", type=int, default=8, help="tasks (one specific expert each)")
     parser.add_argument("--num-common", type=int, default=8, help="common experts N_c")
     parser.add_argument("--rank", type=int, default=2, help="rank per expert")
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per variant")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per variant")
     args = parser.parse_args()
 
     cfg, base, lora, gate, x, task_ids = init(args)
