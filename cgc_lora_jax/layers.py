@@ -198,11 +198,37 @@ def cgc_lora_dense(
     return (y.astype(jnp.float32) + delta).astype(x.dtype)
 
 
+@jax.custom_vjp
+def _matmul(x: Array, kernel: Array) -> Array:
+    """x [..., i] @ kernel [i, o] -> [..., o] in x's dtype, accumulated in float32.
+
+    The custom backward keeps both backward matmuls in the same precision policy (inputs in the
+    compute dtype, float32 accumulation, outputs in the compute dtype). Autodiff of a float32
+    output cast back to bf16 would hand the backward a float32 gradient and make XLA convert
+    every frozen bf16 kernel to float32 (a float32 copy of the whole model).
+    """
+    return jnp.einsum("...i,io->...o", x, kernel, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _matmul_fwd(x, kernel):
+    return _matmul(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(residuals, grad):
+    x, kernel = residuals
+    grad = grad.astype(x.dtype)
+    dx = jnp.einsum("...o,io->...i", grad, kernel, preferred_element_type=jnp.float32).astype(x.dtype)
+    lead = "".join(chr(ord("a") + i) for i in range(x.ndim - 1))
+    dkernel = jnp.einsum(f"{lead}i,{lead}o->io", x, grad, preferred_element_type=jnp.float32)
+    return dx, dkernel.astype(kernel.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 def _base_dense(x: Array, kernel: Array, bias: Array | None) -> Array:
-    """x W0 + b in x's dtype. The output is not requested in float32 on purpose: its gradient
-    then arrives in x's dtype too, so the backward matmuls read the bf16 kernel as it is instead
-    of a float32 copy of every frozen weight (the hardware still accumulates in float32)."""
-    y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+    """x W0 + b in x's dtype (see `_matmul` for the precision of the backward)."""
+    y = _matmul(x, kernel.astype(x.dtype))
     return y if bias is None else y + bias.astype(x.dtype)
 
 
