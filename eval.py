@@ -93,7 +93,7 @@ def run_lorahub_command(argv) -> int:
 
 
 def run_icl_command(argv) -> int:
-    from cgc_lora_jax.config import ConfigError, available_configs, load_config
+    from cgc_lora_jax.config import available_configs, parse_args_with_config
 
     parser = _parser("eval.py icl", "In-context prompting of the base model (no adapters).")
     parser.add_argument("--config", required=True, help=f"config name: {', '.join(available_configs())}")
@@ -101,14 +101,7 @@ def run_icl_command(argv) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--split", default=None, help="dev | test (default: the config's eval.split)")
     parser.add_argument("--seed", type=int, default=None, help="default: the config's train.seed")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if not o.startswith("--config.")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like --config.data.max_source_len=512)")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        parser.error(str(e))
+    args, cfg = parse_args_with_config(parser, argv)
     from cgc_lora_jax.icl import run_icl
 
     run_icl(cfg, args.out, args.shots, seed=args.seed, split=args.split)

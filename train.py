@@ -7,7 +7,7 @@ and README.md for what each run writes.
 import argparse
 import sys
 
-from cgc_lora_jax.config import ConfigError, available_configs, load_config
+from cgc_lora_jax.config import available_configs, parse_args_with_config
 
 
 def main(argv=None) -> int:
@@ -15,19 +15,18 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help=f"config name: {', '.join(available_configs())}")
     parser.add_argument("--workdir", default=None, help="run folder (default: runs/CONFIG)")
     parser.add_argument("--no-eval", action="store_true", help="skip the per-task evaluation after training")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if not o.startswith("--config.")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like --config.train.steps=100)")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        parser.error(str(e))
+    args, cfg = parse_args_with_config(parser, argv)
     workdir = args.workdir or f"runs/{args.config}"
 
-    from cgc_lora_jax.trainer import train
+    from cgc_lora_jax.checkpoint import BaseMismatchError
+    from cgc_lora_jax.data import DataError
+    from cgc_lora_jax.trainer import NonFiniteLossError, train
 
-    summary = train(cfg, workdir)
+    try:
+        summary = train(cfg, workdir)
+    except (FileNotFoundError, DataError, BaseMismatchError, NonFiniteLossError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)  # the user's input, not a bug: no traceback
+        return 1
     print(f"trained {summary['step']} steps; adapters in {workdir}/adapters")
     if not args.no_eval and cfg.data.format == "demo":
         from cgc_lora_jax.evaluate import evaluate_run

@@ -17,15 +17,14 @@ machine noise hits all of them alike. Prints a table, then one JSON line of the 
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
+from bench._common import interleaved_medians  # noqa: E402
 from cgc_lora_jax.layers import CGCLoRAConfig, cgc_lora_dense, gate_weights  # noqa: E402
 
 SHAPES = ((1, 3), (1, 1), (1, 4), (4, 1))  # (d_in, d_out) of the four layers, in units of d
@@ -123,15 +122,8 @@ def main():
     # Plain LoRA of the same total rank: the first total_rank columns are all of A / B.
     steps = {name: jax.jit(fn) for name, fn in make_steps(cfg).items()}
     inputs = (base, lora, gate, x, task_ids)
-    for fn in steps.values():  # compile and warm up
-        jax.block_until_ready(fn(*inputs))
-    times = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, fn in steps.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*inputs))
-            times[name].append(time.perf_counter() - start)
-    med = {name: float(np.median(t)) for name, t in times.items()}
+    calls = {name: (lambda fn=fn: fn(*inputs)) for name, fn in steps.items()}
+    med = interleaved_medians(calls, args.rounds, warmup=1, wait=jax.block_until_ready)  # warmup compiles
 
     tokens = args.batch * args.seq
     print(f"d={args.d} blocks={args.blocks} tokens/step={tokens} total rank={cfg.total_rank} "

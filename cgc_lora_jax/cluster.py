@@ -301,17 +301,10 @@ def main(argv=None) -> int:
     parser.add_argument("--lookahead", default="adam", choices=("adam", "sgd"), help="the lookahead step's optimizer")
     parser.add_argument("--lookahead-lr", type=float, default=None, help="its learning rate (default: train.lr)")
     parser.add_argument("--workdir", default=None, help="output folder (default: runs/CONFIG-affinity)")
-    args, overrides = parser.parse_known_args(argv)
     from cgc_lora_jax.clusters import format_clusters
-    from cgc_lora_jax.config import ConfigError, load_config
+    from cgc_lora_jax.config import parse_args_with_config
 
-    bad = [o for o in overrides if not o.startswith("--config.")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like --config.train.lr=1e-3)")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        parser.error(str(e))
+    args, cfg = parse_args_with_config(parser, argv)
     workdir = Path(args.workdir or f"runs/{args.config}-affinity")
     affinity, tasks = run_affinity(cfg, workdir, args.steps, args.batch_per_task, args.lookahead, args.lookahead_lr)
     groups = best_partition(affinity, args.k)

@@ -218,18 +218,15 @@ def main(argv=None) -> int:
         for prompt, answer in zip(args.prompt, server.generate(args.task, args.prompt, max_new_tokens=args.max_new_tokens)):
             print(f"{prompt!r} -> {answer!r}")
         return 0
-    from cgc_lora_jax.config import ConfigError, load_config
+    from cgc_lora_jax.config import parse_args_with_config
 
-    bad = [o for o in overrides if not o.startswith("--config.")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like --config.train.steps=100)")
+    args, cfg = parse_args_with_config(parser, argv)
     try:
-        cfg = load_config(args.config, overrides)
         spec = args.clusters if args.clusters is not None else cfg.data.clusters
         if not spec:
             raise ValueError("no clusters: pass --clusters or set --config.data.clusters")
         clusters = parse_clusters(spec)
-    except (ConfigError, ValueError) as e:
+    except ValueError as e:
         parser.error(str(e))
     for name, summary in train_clusters(cfg, clusters, args.workdir).items():
         print(f"cluster {name}: {summary['step']} steps, adapters in {Path(args.workdir) / name / 'adapters'}")

@@ -7,6 +7,7 @@ lists close matches) and the value is parsed to the type of the default (a misty
 an error naming the key and the expected type).
 
     cfg = load_config("promptcblue", ["train.steps=100", "lora.gate=uniform"])
+    args, cfg = parse_args_with_config(parser)          # in an entry point with a --config flag
 """
 
 from __future__ import annotations
@@ -101,6 +102,19 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     cfg = module.get_config()
     cfg.lock()
     return apply_overrides(cfg, overrides)
+
+
+def parse_args_with_config(parser, argv=None, *, config_name: str | None = None):
+    """(args, cfg) for an entry point: its own flags plus `--config.a.b=value` overrides applied
+    to the config named by `--config` (or `config_name`); any error exits through `parser.error`."""
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--config.")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like --config.train.steps=100)")
+    try:
+        return args, load_config(config_name or args.config, overrides)
+    except ConfigError as e:
+        parser.error(str(e))
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:
