@@ -45,6 +45,11 @@ class RunLog:
         self._tokens, self._since = 0.0, time.perf_counter()
         self._write(record)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        tasks = " ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in record.items() if k.startswith("loss/"))
+        self.info(
+            f"step {step} loss {record['loss']:.4f} lr {record.get('lr', 0):.2e} grad_norm "
+            f"{record.get('grad_norm', 0):.3f} padding {record.get('padding_fraction', 0):.2f} | {tasks}"
+        )
 
     def validation(self, step: int, record: dict) -> None:
         record = {"step": step, **record}

@@ -179,6 +179,7 @@ def train(cfg, workdir: str | Path) -> dict:
     eval_step = jax.jit(make_eval_step(base.model, len(vocab.tasks)))
     meta = {"config": cfg.to_dict(), "task_vocab": list(vocab.tasks), "family": base.family}
     losses, padding = [], []
+    window_task_loss, window_task_tokens = np.zeros(len(vocab.tasks)), np.zeros(len(vocab.tasks))
     last = {}
     try:
         for step in range(start, cfg.train.steps):
@@ -195,15 +196,19 @@ def train(cfg, workdir: str | Path) -> dict:
                 )
             losses.append(loss)
             padding.append(batch.padding_fraction)
+            window_task_loss += np.asarray(metrics["task_loss"]) * np.asarray(metrics["task_tokens"])
+            window_task_tokens += np.asarray(metrics["task_tokens"])
             log.count_tokens(float(metrics["tokens"]))
             log.advance()
             done = step + 1
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 last = {"loss": float(np.mean(losses)), "lr": float(metrics["lr"]), "grad_norm": float(metrics["grad_norm"]),
                         "padding_fraction": float(np.mean(padding)), "epoch": batches.epoch,
-                        **{f"loss/{t}": float(v) for t, v, n in zip(vocab.tasks, metrics["task_loss"], metrics["task_tokens"]) if n}}
+                        # per task: token-weighted over the logging window
+                        **{f"loss/{t}": float(l / n) for t, l, n in zip(vocab.tasks, window_task_loss, window_task_tokens) if n}}
                 log.train(done, last)
                 losses, padding = [], []
+                window_task_loss[:], window_task_tokens[:] = 0.0, 0.0
             if data.dev is not None and cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
                 log.validation(done, validation_loss(eval_step, state.adapters, base_params, data.dev, cfg, mesh, vocab))
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
