@@ -181,37 +181,54 @@ def train(cfg, workdir: str | Path) -> dict:
     losses, padding = [], []
     window_task_loss, window_task_tokens = np.zeros(len(vocab.tasks)), np.zeros(len(vocab.tasks))
     last = {}
+
+    def absorb(done: int, metrics, padding_fraction: float) -> dict:
+        """Fetch one step's figures (a host sync), stop on a non-finite loss, add to the window."""
+        metrics = jax.device_get(metrics)
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            good = ckpt.latest_step()
+            raise NonFiniteLossError(
+                f"step {done}: the loss is {loss}; stopping. The last good checkpoint is "
+                f"{ckpt.directory / str(good) if good is not None else 'none (no checkpoint yet)'}; "
+                "lower train.lr or check the data"
+            )
+        losses.append(loss)
+        padding.append(padding_fraction)
+        window_task_loss[:] += np.asarray(metrics["task_loss"]) * np.asarray(metrics["task_tokens"])
+        window_task_tokens[:] += np.asarray(metrics["task_tokens"])
+        log.count_tokens(float(metrics["tokens"]))
+        log.advance()
+        return metrics
+
+    pending = None
     try:
         for step in range(start, cfg.train.steps):
             batch = next(batches)
             state, metrics = train_step(state, base_params, _shard_batch(batch.arrays(), mesh))
-            metrics = jax.device_get(metrics)
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                good = ckpt.latest_step()
-                raise NonFiniteLossError(
-                    f"step {step + 1}: the loss is {loss}; stopping. The last good checkpoint is "
-                    f"{ckpt.directory / str(good) if good is not None else 'none (no checkpoint yet)'}; "
-                    "lower train.lr or check the data"
-                )
-            losses.append(loss)
-            padding.append(batch.padding_fraction)
-            window_task_loss += np.asarray(metrics["task_loss"]) * np.asarray(metrics["task_tokens"])
-            window_task_tokens += np.asarray(metrics["task_tokens"])
-            log.count_tokens(float(metrics["tokens"]))
-            log.advance()
+            # The previous step's figures are fetched while this one runs: no per-step stall.
+            if pending is not None:
+                absorb(*pending)
             done = step + 1
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            pending = (done, metrics, batch.padding_fraction)
+            log_now = done % cfg.train.log_every == 0 or done == cfg.train.steps
+            eval_now = data.dev is not None and cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps)
+            save_now = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
+            if not (log_now or eval_now or save_now):
+                continue
+            metrics, pending = absorb(*pending), None  # every loss up to `done` is checked before a save
+            if log_now:
                 last = {"loss": float(np.mean(losses)), "lr": float(metrics["lr"]), "grad_norm": float(metrics["grad_norm"]),
                         "padding_fraction": float(np.mean(padding)), "epoch": batches.epoch,
                         # per task: token-weighted over the logging window
                         **{f"loss/{t}": float(l / n) for t, l, n in zip(vocab.tasks, window_task_loss, window_task_tokens) if n}}
                 log.train(done, last)
-                losses, padding = [], []
+                losses.clear()
+                padding.clear()
                 window_task_loss[:], window_task_tokens[:] = 0.0, 0.0
-            if data.dev is not None and cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+            if eval_now:
                 log.validation(done, validation_loss(eval_step, state.adapters, base_params, data.dev, cfg, mesh, vocab))
-            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+            if save_now:
                 ckpt.save(done, state, {**meta, "data": batches.state()})
         ckpt.wait()
         save_adapters(workdir / "adapters", jax.device_get(state.adapters), {**meta, "base": base.info, "step": int(state.step)})
