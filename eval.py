@@ -114,12 +114,13 @@ def main(argv=None) -> int:
     handlers = {None: run_eval, "score": run_score, "compare": run_compare, "lorahub": run_lorahub_command,
                 "icl": run_icl_command}
     from cgc_lora_jax.data import DataError
+    from cgc_lora_jax.checkpoint import BaseMismatchError
     from cgc_lora_jax.evaluate import RunError
     from cgc_lora_jax.scoring import ScoringError
 
     try:
         return handlers[command](argv[1:] if command else argv)
-    except (FileNotFoundError, DataError, ScoringError, RunError) as err:  # the message names the path or run
+    except (FileNotFoundError, DataError, ScoringError, RunError, BaseMismatchError) as err:  # the message names the path or run
         print(f"eval.py: error: {err}", file=sys.stderr)
         return 2
 

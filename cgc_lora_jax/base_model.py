@@ -85,8 +85,12 @@ def _load_builtin(model_cfg, lora, mesh, workdir, seed) -> BaseModel:
     return BaseModel("chatglm", model, params, tokenizer, {"path": "builtin:tiny-chatglm", "fingerprint": fingerprint})
 
 
-def load_base(model_cfg, *, lora: CGCLoRAConfig | None, mesh=None, workdir=None, seed: int = 0) -> BaseModel:
-    """The base of `model_cfg` (path / builtin / dtype / remat), with fresh adapters if `lora`."""
+def load_base(model_cfg, *, lora: CGCLoRAConfig | None, mesh=None, workdir=None, seed: int = 0,
+              with_tokenizer: bool = True) -> BaseModel:
+    """The base of `model_cfg` (path / builtin / dtype / remat), with fresh adapters if `lora`.
+
+    with_tokenizer=False: an HF folder needs no tokenizer files (BaseModel.tokenizer is None).
+    """
     if model_cfg.builtin:
         return _load_builtin(model_cfg, lora, mesh, workdir, seed)
     from cgc_lora_jax.formatting import load_tokenizer
@@ -98,5 +102,5 @@ def load_base(model_cfg, *, lora: CGCLoRAConfig | None, mesh=None, workdir=None,
         raise FileNotFoundError(f"model.path={str(path)!r} holds no config.json. {OBTAIN_CHATGLM}")
     family = detect_family(read_hf_config(path), source=str(path / "config.json"))
     model, params = load_pretrained(path, _dtype(model_cfg.dtype), lora=lora, remat=model_cfg.remat, mesh=mesh, seed=seed)
-    tokenizer = load_tokenizer(family.name, path)
+    tokenizer = load_tokenizer(family.name, path) if with_tokenizer else None
     return BaseModel(family.name, model, params, tokenizer, {"path": str(path.resolve()), "fingerprint": fingerprint_base(path)})

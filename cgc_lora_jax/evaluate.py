@@ -32,13 +32,12 @@ from tqdm.auto import tqdm
 
 from cgc_lora_jax.base_model import BaseModel, load_base
 from cgc_lora_jax.batching import make_batch
-from cgc_lora_jax.checkpoint import load_adapters
+from cgc_lora_jax.export import attach_adapters
 from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.merge import merge_task
-from cgc_lora_jax.params import join_params, split_params
 from cgc_lora_jax.report import write_scores
 from cgc_lora_jax.scoring import BENCHMARKS, score_records
-from cgc_lora_jax.trainer import encode, lora_config, read_data
+from cgc_lora_jax.trainer import encode, read_data
 
 
 class RunError(ValueError):
@@ -83,18 +82,11 @@ def load_run(workdir: str | Path, split: str | None = None, with_train: bool = F
     wanted = ("train", split) if with_train and split != "train" else (split,)
     splits, vocab = read_data(cfg, workdir, splits=wanted, prediction_splits=(split,))
     records = list(splits.datasets[split])
-    lora = lora_config(cfg, len(vocab.tasks))
-    base = load_base(cfg.model, lora=lora, workdir=workdir)
-    frozen, fresh = split_params(base.params)
-    adapters, meta = load_adapters(adapters_dir, jax.device_get(fresh))
-    if meta["base"]["fingerprint"] != base.info["fingerprint"]:
-        raise RunError(
-            f"{adapters_dir} were trained on base {meta['base']['path']} (fingerprint "
-            f"{meta['base']['fingerprint'][:12]}), but the base loaded now is {base.info['path']} (fingerprint "
-            f"{base.info['fingerprint'][:12]}): the base model (or, for a builtin base, the code that builds "
-            "it) changed since training; evaluate with that base or train again")
-    prompts = encode(cfg, records, base, vocab, for_prediction=True)
-    return LoadedRun(workdir, cfg, vocab, split, records, prompts, base, lora, join_params(frozen, adapters),
+    # The plain base, then the run's adapters on it (no throw-away adapter init); a base whose
+    # fingerprint differs from training's is a BaseMismatchError naming both.
+    run = attach_adapters(load_base(cfg.model, lora=None, workdir=workdir), workdir)
+    prompts = encode(cfg, records, run.base, vocab, for_prediction=True)
+    return LoadedRun(workdir, cfg, vocab, split, records, prompts, run.base, run.lora, run.params,
                      splits.datasets["train"] if with_train else None)
 
 

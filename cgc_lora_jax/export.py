@@ -35,8 +35,8 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from cgc_lora_jax.base_model import DTYPES, BaseModel, load_base
-from cgc_lora_jax.checkpoint import BaseMismatchError, fingerprint_base, load_adapters, save_adapters
+from cgc_lora_jax.base_model import BaseModel, load_base
+from cgc_lora_jax.checkpoint import BaseMismatchError, load_adapters, save_adapters
 from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.merge import merge_task, task_lora_factors
 from cgc_lora_jax.params import is_adapter_path, join_params, split_params
@@ -67,27 +67,10 @@ class AdapterSet:
 
 
 def load_frozen_base(path: str, *, dtype: str = "float32", with_tokenizer: bool = False) -> BaseModel:
-    """The plain base (no adapters) at `path`: an HF folder or "builtin:NAME".
-
-    Unlike base_model.load_base, an HF folder needs no tokenizer unless `with_tokenizer`.
-    """
-    if path.startswith(BUILTIN_PREFIX):
-        model_cfg = ml_collections.ConfigDict(
-            {"path": "", "builtin": path[len(BUILTIN_PREFIX):], "dtype": dtype, "remat": False})
-        return load_base(model_cfg, lora=None)
-    from models.family import detect_family
-    from models.hf_io import load_pretrained, read_hf_config
-
-    folder = Path(path)
-    family = detect_family(read_hf_config(folder), source=str(folder / "config.json")).name
-    model, params = load_pretrained(folder, DTYPES[dtype])
-    tokenizer = None
-    if with_tokenizer:
-        from cgc_lora_jax.formatting import load_tokenizer
-
-        tokenizer = load_tokenizer(family, folder)
-    return BaseModel(family, model, params, tokenizer,
-                     {"path": str(folder.resolve()), "fingerprint": fingerprint_base(folder)})
+    """The plain base (no adapters) at `path`: an HF folder or "builtin:NAME"."""
+    builtin = path[len(BUILTIN_PREFIX):] if path.startswith(BUILTIN_PREFIX) else ""
+    model_cfg = ml_collections.ConfigDict({"path": "" if builtin else path, "builtin": builtin, "dtype": dtype, "remat": False})
+    return load_base(model_cfg, lora=None, with_tokenizer=with_tokenizer)
 
 
 def adapter_shapes(model) -> dict:
