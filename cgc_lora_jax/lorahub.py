@@ -28,6 +28,7 @@ target's own LoRA is among them); `include_target=False` gives the original unse
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 import warnings
@@ -98,21 +99,26 @@ def merge_composed(base: dict, composed: dict, scaling: float) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
-def few_shot_loss_fn(plain_model, base: dict, sources: dict, scaling: float, batch: dict) -> Callable:
-    """weights [N] -> mean token cross-entropy of the composed model on `batch` (compiled once).
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _few_shot_loss(plain_model, scaling: float, weights, base: dict, sources: dict, input_ids, labels):
+    params = merge_composed(base, compose(sources, weights), scaling)
+    logits = plain_model.apply({"params": params}, input_ids, None, None)
+    nll, mask = token_losses(logits, labels)
+    return nll.sum() / jnp.maximum(mask.sum(), 1)
 
-    batch: right-padded training arrays {"input_ids", "labels"} of the k examples.
+
+def few_shot_loss_fn(plain_model, base: dict, sources: dict, scaling: float, batch: dict) -> Callable:
+    """weights [N] -> mean token cross-entropy of the composed model on `batch`.
+
+    batch: right-padded training arrays {"input_ids", "labels"} of the k examples. The base and
+    the sources are arguments of one compiled function (never constants baked into it), so a
+    large base is not copied into the program and the next target task reuses the compilation
+    when its batch has the same shape.
     """
     input_ids, labels = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["labels"])
-
-    @jax.jit
-    def loss(weights):
-        params = merge_composed(base, compose(sources, weights), scaling)
-        logits = plain_model.apply({"params": params}, input_ids, None, None)
-        nll, mask = token_losses(logits, labels)
-        return nll.sum() / jnp.maximum(mask.sum(), 1)
-
-    return lambda weights: float(loss(jnp.asarray(weights, jnp.float32)))
+    return lambda weights: float(
+        _few_shot_loss(plain_model, scaling, jnp.asarray(weights, jnp.float32), base, sources, input_ids, labels)
+    )
 
 
 def l1_penalty(weights, alpha: float) -> float:
