@@ -33,7 +33,7 @@ def run_eval(argv) -> int:
     parser.add_argument("--fused", action="store_true", help="one fused mixed-task pass instead of merged per task")
     parser.add_argument("--out", default=None, help="where the outputs go (default: the workdir)")
     args = parser.parse_args(argv)
-    from cgc_lora_jax.evaluate import evaluate_run
+    from cgc_lora_jax.evaluation.evaluate import evaluate_run
 
     evaluate_run(args.workdir, split=args.split, fused=args.fused, out_dir=args.out)
     return 0
@@ -48,7 +48,7 @@ def run_score(argv) -> int:
     parser.add_argument("--out", required=True, help="SCORES.json to write")
     parser.add_argument("--benchmark", default="promptcblue", choices=sorted(BENCHMARKS))
     args = parser.parse_args(argv)
-    from cgc_lora_jax.report import markdown_table
+    from cgc_lora_jax.evaluation.report import markdown_table
     from cgc_lora_jax.scoring import score_files
 
     scores = score_files(args.pred, args.gold, out_path=args.out, benchmark=args.benchmark)
@@ -63,7 +63,7 @@ def run_compare(argv) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--chart", default=None, help="PNG to write (default: compare_<split>.png beside the runs)")
     args = parser.parse_args(argv)
-    from cgc_lora_jax.report import compare
+    from cgc_lora_jax.evaluation.report import compare
 
     table, chart = compare(args.runs, args.split, args.chart)
     print(table)
@@ -72,7 +72,7 @@ def run_compare(argv) -> int:
 
 
 def run_lorahub_command(argv) -> int:
-    from cgc_lora_jax.lorahub import DEFAULT_ALPHA
+    from cgc_lora_jax.evaluation.lorahub import DEFAULT_ALPHA
 
     parser = _parser("eval.py lorahub", "LoRAHub: per-task LoRAs of a LoRA Single run, composed per target task.")
     parser.add_argument("--workdir", required=True, help="a trained LoRA Single run (lora.num_common=0)")
@@ -85,7 +85,7 @@ def run_lorahub_command(argv) -> int:
                         help="compose only the other tasks' LoRAs (the original unseen-task setting)")
     parser.add_argument("--out", default=None, help="output folder (default: WORKDIR/lorahub)")
     args = parser.parse_args(argv)
-    from cgc_lora_jax.lorahub import run_lorahub
+    from cgc_lora_jax.evaluation.lorahub import run_lorahub
 
     run_lorahub(args.workdir, args.out, shots=args.shots, budget=args.budget, alpha=args.alpha, split=args.split,
                 seed=args.seed, include_target=not args.exclude_target)
@@ -102,7 +102,7 @@ def run_icl_command(argv) -> int:
     parser.add_argument("--split", default=None, help="dev | test (default: the config's eval.split)")
     parser.add_argument("--seed", type=int, default=None, help="default: the config's train.seed")
     args, cfg = parse_args_with_config(parser, argv)
-    from cgc_lora_jax.icl import run_icl
+    from cgc_lora_jax.evaluation.icl import run_icl
 
     run_icl(cfg, args.out, args.shots, seed=args.seed, split=args.split)
     return 0
@@ -113,9 +113,9 @@ def main(argv=None) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else None
     handlers = {None: run_eval, "score": run_score, "compare": run_compare, "lorahub": run_lorahub_command,
                 "icl": run_icl_command}
-    from cgc_lora_jax.data import DataError
-    from cgc_lora_jax.checkpoint import BaseMismatchError
-    from cgc_lora_jax.evaluate import RunError
+    from cgc_lora_jax.data.records import DataError
+    from cgc_lora_jax.training.checkpoint import BaseMismatchError
+    from cgc_lora_jax.evaluation.evaluate import RunError
     from cgc_lora_jax.scoring import ScoringError
 
     try:

@@ -18,9 +18,9 @@ def main(argv=None) -> int:
     args, cfg = parse_args_with_config(parser, argv)
     workdir = args.workdir or f"runs/{args.config}"
 
-    from cgc_lora_jax.checkpoint import BaseMismatchError
-    from cgc_lora_jax.data import DataError
-    from cgc_lora_jax.trainer import NonFiniteLossError, train
+    from cgc_lora_jax.training.checkpoint import BaseMismatchError
+    from cgc_lora_jax.data.records import DataError
+    from cgc_lora_jax.training.loop import NonFiniteLossError, train
 
     try:
         summary = train(cfg, workdir)
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
         return 1
     print(f"trained {summary['step']} steps; adapters in {workdir}/adapters")
     if not args.no_eval and cfg.data.format == "demo":
-        from cgc_lora_jax.evaluate import evaluate_run
+        from cgc_lora_jax.evaluation.evaluate import evaluate_run
 
         evaluate_run(workdir, split=cfg.eval.split)
     return 0

@@ -30,8 +30,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-from models.generate import generate  # noqa: E402
-from models.llama import LlamaConfig, LlamaForCausalLM, key_map  # noqa: E402
+from cgc_lora_jax.models.generate import generate  # noqa: E402
+from cgc_lora_jax.models.llama import LlamaConfig, LlamaForCausalLM, key_map  # noqa: E402
 
 SIZES = dict(
     vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4,

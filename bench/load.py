@@ -33,7 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python bench/load.py` from a checkout, without installing
 
-from models.hf_io import TensorSpec, parse_size, write_folder  # noqa: E402
+from cgc_lora_jax.models.hf_io import TensorSpec, parse_size, write_folder  # noqa: E402
 
 
 def chatglm6b_config(layers: int, vocab: int) -> dict:
@@ -109,7 +109,7 @@ def child(folder: str) -> None:
     import jax
     import jax.numpy as jnp
 
-    from models.hf_io import load_pretrained
+    from cgc_lora_jax.models.hf_io import load_pretrained
 
     jax.devices()  # start the backend before the baseline
     baseline = peak_rss()

@@ -33,11 +33,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cgc_lora_jax.config import load_config  # noqa: E402
-from cgc_lora_jax.evaluate import evaluate_run  # noqa: E402
-from cgc_lora_jax.icl import run_icl  # noqa: E402
-from cgc_lora_jax.lorahub import run_lorahub  # noqa: E402
-from cgc_lora_jax.report import markdown_table, plot_comparison, read_scores  # noqa: E402
-from cgc_lora_jax.trainer import train  # noqa: E402
+from cgc_lora_jax.evaluation.evaluate import evaluate_run  # noqa: E402
+from cgc_lora_jax.evaluation.icl import run_icl  # noqa: E402
+from cgc_lora_jax.evaluation.lorahub import run_lorahub  # noqa: E402
+from cgc_lora_jax.evaluation.report import markdown_table, plot_comparison, read_scores  # noqa: E402
+from cgc_lora_jax.training.loop import train  # noqa: E402
 
 TRAINED_ROWS = {  # folder: (row name, lora overrides on the demo config)
     "cgc_lora": ("CGC-LoRA", []),

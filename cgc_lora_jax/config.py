@@ -1,6 +1,6 @@
 """Named, locked configs with dotted overrides.
 
-A config is a Python file `configs/NAME.py` whose `get_config()` returns a locked
+A config is a Python file `configs/NAME.py` (installed as `cgc_lora_jax.configs.NAME`) whose `get_config()` returns a locked
 `ml_collections.ConfigDict`. `load_config(name, overrides)` applies overrides such as
 "lora.num_common=4" or "data.tasks=CMeIE,CHIP-CTC": the key must exist (otherwise the error
 lists close matches) and the value is parsed to the type of the default (a mistyped value is
@@ -20,7 +20,9 @@ from typing import Sequence
 
 import ml_collections
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+import cgc_lora_jax.configs as configs_package
+
+CONFIG_DIR = Path(configs_package.__path__[0])
 
 
 class ConfigError(ValueError):
@@ -98,7 +100,7 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
             f"no config named {name!r} in {CONFIG_DIR}"
             + (f"; did you mean {', '.join(close)}?" if close else f"; available: {', '.join(available_configs())}")
         )
-    module = importlib.import_module(f"configs.{name}")
+    module = importlib.import_module(f"{configs_package.__name__}.{name}")
     cfg = module.get_config()
     cfg.lock()
     return apply_overrides(cfg, overrides)

@@ -35,12 +35,12 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from cgc_lora_jax.base_model import BaseModel, load_base
-from cgc_lora_jax.checkpoint import BaseMismatchError, load_adapters, save_adapters
+from cgc_lora_jax.run import BaseModel, load_base
+from cgc_lora_jax.training.checkpoint import BaseMismatchError, load_adapters, save_adapters
 from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.merge import merge_task, task_lora_factors
 from cgc_lora_jax.params import is_adapter_path, join_params, split_params
-from cgc_lora_jax.task_vocab import TaskVocab
+from cgc_lora_jax.data.task_vocab import TaskVocab
 
 FORMATS = ("peft", "hf", "orbax")
 BUILTIN_PREFIX = "builtin:"  # base "path" of a built-in base (base_model.py), e.g. builtin:tiny-chatglm
@@ -76,7 +76,7 @@ def load_frozen_base(path: str, *, dtype: str = "float32", with_tokenizer: bool 
 def adapter_shapes(model) -> dict:
     """The adapter subtree of `model` (a model with `lora`) as ShapeDtypeStructs, from
     eval_shape: what an adapter checkpoint restores into, with nothing initialised."""
-    from models.hf_io import abstract_params
+    from cgc_lora_jax.models.hf_io import abstract_params
 
     flat = abstract_params(model, with_adapters=True)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -137,8 +137,8 @@ def load_exported_adapters(folder: str | Path, base_path: str | None = None):
 
 
 def _family_and_config(base: BaseModel):
-    from models import chatglm, chatglm2, llama  # noqa: F401 - importing registers the families
-    from models.family import FAMILIES
+    from cgc_lora_jax.models import chatglm, chatglm2, llama  # noqa: F401 - importing registers the families
+    from cgc_lora_jax.models.family import FAMILIES
 
     return FAMILIES[base.family], base.model.config
 
@@ -201,7 +201,7 @@ def export_peft(adapter_set: AdapterSet, task: str, out: str | Path) -> Path:
 
 def export_hf(adapter_set: AdapterSet, task: str, out: str | Path) -> Path:
     """Task `task` merged into the base weights, as an HF folder loadable without adapters."""
-    from models.hf_io import save_pretrained
+    from cgc_lora_jax.models.hf_io import save_pretrained
 
     merged = merge_task(adapter_set.params, adapter_set.vocab.id(task), adapter_set.lora)
     out = save_pretrained(adapter_set.base.model, jax.device_get(merged), out)

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from cgc_lora_jax.checkpoint import fingerprint_base
+from cgc_lora_jax.training.checkpoint import fingerprint_base
 from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.params import join_params, split_params
 from cgc_lora_jax.sharding import match_partition_rules, named_shardings
@@ -61,8 +61,8 @@ def _dtype(name: str):
 
 
 def _load_builtin(model_cfg, lora, mesh, workdir, seed) -> BaseModel:
-    from cgc_lora_jax.demo_tokenizer import DemoTokenizer
-    from models import chatglm
+    from cgc_lora_jax.demo.tokenizer import DemoTokenizer
+    from cgc_lora_jax.models import chatglm
 
     if model_cfg.builtin != "tiny-chatglm":
         raise ValueError(f"model.builtin={model_cfg.builtin!r}: the only built-in base is 'tiny-chatglm'")
@@ -93,9 +93,9 @@ def load_base(model_cfg, *, lora: CGCLoRAConfig | None, mesh=None, workdir=None,
     """
     if model_cfg.builtin:
         return _load_builtin(model_cfg, lora, mesh, workdir, seed)
-    from cgc_lora_jax.formatting import load_tokenizer
-    from models.family import detect_family
-    from models.hf_io import load_pretrained, read_hf_config
+    from cgc_lora_jax.data.formatting import load_tokenizer
+    from cgc_lora_jax.models.family import detect_family
+    from cgc_lora_jax.models.hf_io import load_pretrained, read_hf_config
 
     path = Path(model_cfg.path)
     if not (path / "config.json").is_file():

@@ -5,7 +5,7 @@ It shows the machinery working (mixed-task batches, gate, frozen base, checkpoin
 the base knows nothing, so the scores say nothing about the method's quality on real tasks.
 """
 
-from configs import promptcblue
+from cgc_lora_jax.configs import promptcblue
 
 
 def get_config():

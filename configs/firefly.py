@@ -1,6 +1,6 @@
 """The paper's Firefly setting (section 5.4): 8 general tasks, capped at 1800/300/300 samples."""
 
-from configs import promptcblue
+from cgc_lora_jax.configs import promptcblue
 
 FIREFLY_TASKS = ("TextCorrection", "Summary", "KeywordRecognition", "TextMatching", "SentimentAnalyze", "MRC", "NER", "NLI")
 

@@ -1,6 +1,6 @@
 """Baseline "LoRA Full": one plain LoRA (rank 32 = CGC-LoRA's total rank) trained on all tasks."""
 
-from configs import promptcblue
+from cgc_lora_jax.configs import promptcblue
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Baseline "LoRA Single": one plain LoRA of rank 4 per task, nothing shared between tasks."""
 
-from configs import promptcblue
+from cgc_lora_jax.configs import promptcblue
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Baseline "MOE-LoRA": 16 common experts of rank 2 mixed by the task gate, no specific experts."""
 
-from configs import promptcblue
+from cgc_lora_jax.configs import promptcblue
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Ablation "w/o gate": CGC-LoRA with uniform expert weights."""
 
-from configs import promptcblue
+from cgc_lora_jax.configs import promptcblue
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Ablation "multiple gates": every adapted layer has its own task gate."""
 
-from configs import promptcblue
+from cgc_lora_jax.configs import promptcblue
 
 
 def get_config():

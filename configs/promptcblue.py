@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.format = "promptcblue"  # promptcblue | firefly | jsonl | demo
     c.data.path = "data/PromptCBLUE"  # folder with train.json, dev.json, test.json
     c.data.tasks = PAPER_TASKS  # task subset, in task-ID order (empty: every task in train.json)
-    c.data.clusters = ""  # 1+N: "name1:TaskA,TaskB;name2:TaskC" for `python -m cgc_lora_jax.clusters train`
+    c.data.clusters = ""  # 1+N: "name1:TaskA,TaskB;name2:TaskC" for `python -m cgc_lora_jax.multitask.clusters train`
     c.data.max_train_per_task = 0  # cap on training samples per task (0: no cap)
     c.data.max_eval_per_task = 0  # cap on dev/test samples per task (0: no cap)
     c.data.max_source_len = 1024  # prompt tokens kept (longer prompts are truncated and counted)

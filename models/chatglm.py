@@ -45,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 
 from cgc_lora_jax.layers import AdapterInputs, CGCLoRAConfig, Dense, TaskRouting
 from cgc_lora_jax.sharding import ADAPTER_RULES
-from models.family import KeyMap, ModelFamily, register
+from cgc_lora_jax.models.family import KeyMap, ModelFamily, register
 
 Array = jax.Array
 MASK_VALUE = -10000.0  # the original's masked_fill value (not -inf: fully masked pad rows stay finite)

@@ -61,7 +61,7 @@ def register(family: ModelFamily) -> ModelFamily:
 def detect_family(hf_config: dict, source: str = "config.json") -> ModelFamily:
     """The one registered family whose `matches` accepts this config.json dict."""
     # Importing the family modules registers them.
-    from models import chatglm, chatglm2, llama  # noqa: F401
+    from cgc_lora_jax.models import chatglm, chatglm2, llama  # noqa: F401
 
     found = [f for f in FAMILIES.values() if f.matches(hf_config)]
     if len(found) != 1:

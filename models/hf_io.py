@@ -48,7 +48,7 @@ from safetensors import safe_open
 
 from cgc_lora_jax.params import is_adapter_path
 from cgc_lora_jax.sharding import match_partition_rules, named_shardings
-from models.family import ModelFamily, detect_family
+from cgc_lora_jax.models.family import ModelFamily, detect_family
 
 FlatParams = dict[tuple[str, ...], Any]
 

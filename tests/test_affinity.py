@@ -11,8 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from cgc_lora_jax import cluster
-from cgc_lora_jax.clusters import parse_clusters
+from cgc_lora_jax.multitask import affinity as cluster
+from cgc_lora_jax.multitask.clusters import parse_clusters
 from cgc_lora_jax.layers import CGCLoRAConfig, Dense, TaskRouting
 from cgc_lora_jax.params import join_params, split_params
 

@@ -9,8 +9,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cgc_lora_jax.batching import BatchIterator, make_batch, plan_epoch, prompt_batches
-from cgc_lora_jax.formatting import IGNORE, EncodedSplit
+from cgc_lora_jax.data.batching import BatchIterator, make_batch, plan_epoch, prompt_batches
+from cgc_lora_jax.data.formatting import IGNORE, EncodedSplit
 
 PAD = 0
 

@@ -23,7 +23,7 @@ import torch  # noqa: E402  (only needed to read the reference checkpoint)
 from cgc_lora_jax.layers import CGCLoRAConfig  # noqa: E402
 from cgc_lora_jax.params import join_params, split_params  # noqa: E402
 from cgc_lora_jax.sharding import make_mesh, match_partition_rules, named_shardings  # noqa: E402
-from models.chatglm import FAMILY, ChatGLMConfig, glm_layout, rotary_inv_freq  # noqa: E402
+from cgc_lora_jax.models.chatglm import FAMILY, ChatGLMConfig, glm_layout, rotary_inv_freq  # noqa: E402
 
 PARITY = 1e-4
 V1 = FIXTURES / "v1"

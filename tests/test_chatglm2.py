@@ -16,9 +16,9 @@ from jax.sharding import PartitionSpec as P
 
 from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.sharding import make_mesh, match_partition_rules, named_shardings
-from models import chatglm2
-from models.chatglm2 import ChatGLM2Config, ChatGLM2ForCausalLM
-from models.family import detect_family
+from cgc_lora_jax.models import chatglm2
+from cgc_lora_jax.models.chatglm2 import ChatGLM2Config, ChatGLM2ForCausalLM
+from cgc_lora_jax.models.family import detect_family
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "chatglm"
 if not FIXTURES.is_dir():

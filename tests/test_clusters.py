@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cgc_lora_jax import clusters as clusters_mod
+from cgc_lora_jax.multitask import clusters as clusters_mod
 from cgc_lora_jax import export
-from cgc_lora_jax.checkpoint import load_adapters, save_adapters
-from cgc_lora_jax.clusters import MultiTaskServer, jitted_apply, format_clusters, parse_clusters
+from cgc_lora_jax.training.checkpoint import load_adapters, save_adapters
+from cgc_lora_jax.multitask.clusters import MultiTaskServer, jitted_apply, format_clusters, parse_clusters
 from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.params import join_params, split_params
-from models.generate import generate
+from cgc_lora_jax.models.generate import generate
 
 CLUSTERS = {"colour": ("ColourExtraction",), "rest": ("DigitsToChinese", "CategoryClassification")}
 TINY = ["train.batch_size=8", "train.steps=2", "train.log_every=1", "train.eval_every=0",

@@ -1,6 +1,6 @@
 """Tests for cgc_lora_jax/demo_data.py and cgc_lora_jax/demo_tokenizer.py: the generated demo
 dataset is deterministic, PromptCBLUE-shaped, self-consistent (each target follows from its
-input), readable by cgc_lora_jax.data; the character tokenizer round-trips and plugs into the
+input), readable by cgc_lora_jax.data.records; the character tokenizer round-trips and plugs into the
 ChatGLM v1 formatting; the per-task scores are right on hand-made cases."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cgc_lora_jax import demo_data
-from cgc_lora_jax.data import load_splits
-from cgc_lora_jax.demo_data import (CATEGORIES, CHINESE_DIGITS, COLOURS, TASK_NAMES, demo_records,
+from cgc_lora_jax.demo import dataset as demo_data
+from cgc_lora_jax.data.records import load_splits
+from cgc_lora_jax.demo.dataset import (CATEGORIES, CHINESE_DIGITS, COLOURS, TASK_NAMES, demo_records,
                                     score_task, write_demo_dataset)
-from cgc_lora_jax.demo_tokenizer import DemoTokenizer
-from cgc_lora_jax.formatting import IGNORE, encode_split, load_tokenizer
+from cgc_lora_jax.demo.tokenizer import DemoTokenizer
+from cgc_lora_jax.data.formatting import IGNORE, encode_split, load_tokenizer
 
 FIELDS = {"input", "target", "answer_choices", "task_type", "task_dataset", "sample_id"}
 ROUGE_IDENTICAL = 2 * (1 / (2 + 1e-8))
@@ -98,7 +98,7 @@ def test_tokenizer_covers_the_data_and_round_trips(tmp_path, records):
 
 
 def test_chatglm_v1_formatting_applies(records):
-    from cgc_lora_jax.task_vocab import TaskVocab
+    from cgc_lora_jax.data.task_vocab import TaskVocab
 
     tok = DemoTokenizer.build()
     rows = records["dev"][:6]

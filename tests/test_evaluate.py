@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import eval as eval_cli
-from cgc_lora_jax.checkpoint import load_adapters, save_adapters
+from cgc_lora_jax.training.checkpoint import load_adapters, save_adapters
 from cgc_lora_jax.config import load_config
 from cgc_lora_jax.scoring import score_files
-from cgc_lora_jax.trainer import train
+from cgc_lora_jax.training.loop import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY_RUN = ["train.steps=20", "train.batch_size=8", "train.eval_every=0", "train.checkpoint_every=20",

@@ -20,14 +20,14 @@ import transformers
 from flax import traverse_util
 
 from cgc_lora_jax import export
-from cgc_lora_jax.checkpoint import fingerprint_base, load_adapters, save_adapters
+from cgc_lora_jax.training.checkpoint import fingerprint_base, load_adapters, save_adapters
 from cgc_lora_jax.config import load_config, to_json
 from cgc_lora_jax.merge import merge_task
 from cgc_lora_jax.params import join_params
-from cgc_lora_jax.task_vocab import TaskVocab
-from cgc_lora_jax.trainer import lora_config
-from models.family import FAMILIES
-from models.hf_io import load_pretrained, locate_tensors, open_weights
+from cgc_lora_jax.data.task_vocab import TaskVocab
+from cgc_lora_jax.training.loop import lora_config
+from cgc_lora_jax.models.family import FAMILIES
+from cgc_lora_jax.models.hf_io import load_pretrained, locate_tensors, open_weights
 
 peft = pytest.importorskip("peft")
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cgc_lora_jax.batching import make_batch
-from cgc_lora_jax.data import read_records
-from cgc_lora_jax.formatting import (IGNORE, PromptFormat, encode_split, layout_of, load_tokenizer,
+from cgc_lora_jax.data.batching import make_batch
+from cgc_lora_jax.data.records import read_records
+from cgc_lora_jax.data.formatting import (IGNORE, PromptFormat, encode_split, layout_of, load_tokenizer,
                                      truncate)
-from cgc_lora_jax.task_vocab import TaskVocab
+from cgc_lora_jax.data.task_vocab import TaskVocab
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = SHARED / "fixtures" / "chatglm"

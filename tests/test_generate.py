@@ -13,8 +13,8 @@ from flax import traverse_util
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from cgc_lora_jax.layers import CGCLoRAConfig
-from models import generate as gen
-from models.llama import LlamaConfig, LlamaForCausalLM, key_map
+from cgc_lora_jax.models import generate as gen
+from cgc_lora_jax.models.llama import LlamaConfig, LlamaForCausalLM, key_map
 
 VOCAB, PAD, NEW = 256, 0, 8
 
@@ -178,7 +178,7 @@ def test_chatglm_families_generate_the_reference_ids(version):
     contract: greedy ids equal the original PyTorch generate (fixture gen_new_ids)."""
     if not (CHATGLM / version / "reference.npz").is_file():
         pytest.skip(f"{CHATGLM / version} is absent (the shared ChatGLM fixtures)")
-    from models.hf_io import load_pretrained
+    from cgc_lora_jax.models.hf_io import load_pretrained
 
     ref = np.load(CHATGLM / version / "reference.npz")
     model, params = load_pretrained(CHATGLM / version)
@@ -195,7 +195,7 @@ def test_generate_on_8_devices_equals_one_device():
     from jax.sharding import NamedSharding
 
     from cgc_lora_jax.sharding import BATCH_SPEC, make_mesh, match_partition_rules, named_shardings
-    from models.family import FAMILIES
+    from cgc_lora_jax.models.family import FAMILIES
 
     _, model, params = tiny_llama()
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})

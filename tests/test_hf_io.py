@@ -26,8 +26,8 @@ from safetensors.torch import save_file
 from cgc_lora_jax.layers import CGCLoRAConfig, Dense, TaskRouting
 from cgc_lora_jax.params import split_params
 from cgc_lora_jax.sharding import ADAPTER_RULES, make_mesh
-from models.family import ModelFamily
-from models.hf_io import load_pretrained, save_pretrained
+from cgc_lora_jax.models.family import ModelFamily
+from cgc_lora_jax.models.hf_io import load_pretrained, save_pretrained
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "chatglm"
 HF_TOY = {"model_type": "toy", "vocab_size": 64, "hidden_size": 16, "num_layers": 2, "inner_size": 40,
@@ -102,7 +102,7 @@ TOY = ModelFamily(  # not registered: passed to load_pretrained(family=TOY) and 
 @pytest.fixture(autouse=True)
 def toy_is_detectable(monkeypatch):
     """Let save_pretrained's detect_family find TOY (registered only for these tests)."""
-    from models import family
+    from cgc_lora_jax.models import family
 
     monkeypatch.setitem(family.FAMILIES, "toy", TOY)
 
@@ -365,7 +365,7 @@ def test_bin_without_torch_says_what_to_install(tmp_path, monkeypatch):
 
 
 def test_llama_transformers_round_trip(tmp_path):
-    pytest.importorskip("models.llama", reason="models/llama.py is not written yet")
+    pytest.importorskip("cgc_lora_jax.models.llama", reason="models/llama.py is not written yet")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
@@ -404,9 +404,9 @@ def test_llama_transformers_round_trip(tmp_path):
 def test_chatglm_fixtures_load_exactly_and_round_trip(tmp_path, version):
     if not FIXTURES.is_dir():
         pytest.skip(f"{FIXTURES} is absent (the shared fixtures live beside the repo)")
-    pytest.importorskip("models.chatglm", reason="models/chatglm.py is not written yet")
-    pytest.importorskip("models.chatglm2", reason="models/chatglm2.py is not written yet")
-    from models.family import detect_family
+    pytest.importorskip("cgc_lora_jax.models.chatglm", reason="models/chatglm.py is not written yet")
+    pytest.importorskip("cgc_lora_jax.models.chatglm2", reason="models/chatglm2.py is not written yet")
+    from cgc_lora_jax.models.family import detect_family
 
     folder = FIXTURES / version
     family = detect_family(json.loads((folder / "config.json").read_text()))

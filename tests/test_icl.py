@@ -2,7 +2,7 @@
 
 import pytest
 
-from cgc_lora_jax.icl import SEPARATOR, choose_examples, icl_prompt, icl_records
+from cgc_lora_jax.evaluation.icl import SEPARATOR, choose_examples, icl_prompt, icl_records
 
 TASKS = ("TaskA", "TaskB", "TaskC")
 

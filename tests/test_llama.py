@@ -15,8 +15,8 @@ from jax.sharding import PartitionSpec as P
 
 from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.sharding import make_mesh, match_partition_rules, named_shardings
-from models.family import FAMILIES
-from models.llama import LLAMA, QWEN2, LlamaConfig, LlamaForCausalLM, key_map, rope_inv_freq
+from cgc_lora_jax.models.family import FAMILIES
+from cgc_lora_jax.models.llama import LLAMA, QWEN2, LlamaConfig, LlamaForCausalLM, key_map, rope_inv_freq
 
 TOL = 1e-4  # max|ours - torch| / max|torch|, float32
 VOCAB = 256

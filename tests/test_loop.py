@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cgc_lora_jax.checkpoint import BaseMismatchError
+from cgc_lora_jax.training.checkpoint import BaseMismatchError
 from cgc_lora_jax.config import load_config
-from cgc_lora_jax.trainer import NonFiniteLossError, train
+from cgc_lora_jax.training.loop import NonFiniteLossError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # A few-second demo: small batches, every step logged, no validation unless asked.

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from cgc_lora_jax.layers import CGCLoRAConfig
-from cgc_lora_jax.lorahub import (DEFAULT_ALPHA, WEIGHT_BOUND, compose, few_shot_loss_fn, l1_penalty,
+from cgc_lora_jax.evaluation.lorahub import (DEFAULT_ALPHA, WEIGHT_BOUND, compose, few_shot_loss_fn, l1_penalty,
                                   learn_weights, merge_composed, source_loras)
 from cgc_lora_jax.merge import merge_task
 from cgc_lora_jax.params import split_params
-from models import chatglm
+from cgc_lora_jax.models import chatglm
 
 NUM_TASKS, RANK = 3, 4
 GMASK, SOP = 3, 4
@@ -131,7 +131,7 @@ def test_search_puts_most_weight_on_the_source_that_made_the_data(single_run):
         by_hand[path] = (a, b)
     hand_params = merge_composed(base, by_hand, lora.scaling)
     hand_logits = plain.apply({"params": hand_params}, jnp.asarray(batch["input_ids"]), None, None)
-    from cgc_lora_jax.train_step import token_losses
+    from cgc_lora_jax.training.step import token_losses
 
     nll, mask = token_losses(hand_logits, jnp.asarray(batch["labels"]))
     assert loss(weights) == pytest.approx(float(nll.sum() / mask.sum()), rel=1e-5)
@@ -144,7 +144,7 @@ def test_eval_lorahub_on_a_lora_single_run_writes_weights_predictions_and_scores
     import eval as eval_cli
     from cgc_lora_jax.config import load_config
     from cgc_lora_jax.scoring import score_files
-    from cgc_lora_jax.trainer import train
+    from cgc_lora_jax.training.loop import train
 
     run = tmp_path / "lora_single"
     train(load_config("demo", [

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from cgc_lora_jax.data import (COLUMNS, DataError, load_splits, read_records, split_per_task,
+from cgc_lora_jax.data.records import (COLUMNS, DataError, load_splits, read_records, split_per_task,
                                write_records)
-from cgc_lora_jax.task_vocab import FIREFLY_PAPER_TASKS, PROMPTCBLUE_PAPER_TASKS, TaskVocab
+from cgc_lora_jax.data.task_vocab import FIREFLY_PAPER_TASKS, PROMPTCBLUE_PAPER_TASKS, TaskVocab
 
 PROMPTCBLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "promptcblue"
 

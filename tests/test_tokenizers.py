@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.chatglm_tokenizer import (ChatGLM2Tokenizer, ChatGLM3Tokenizer, ChatGLMTokenizerV1,
+from cgc_lora_jax.models.chatglm_tokenizer import (ChatGLM2Tokenizer, ChatGLM3Tokenizer, ChatGLMTokenizerV1,
                                       load_tokenizer)
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "chatglm"

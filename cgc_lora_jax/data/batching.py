@@ -44,7 +44,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from cgc_lora_jax.formatting import IGNORE, EncodedSplit
+from cgc_lora_jax.data.formatting import IGNORE, EncodedSplit
 
 LAST_BATCH = ("drop", "pad")
 _STATE_KEYS = ("seed", "epoch", "step", "num_samples", "batch_size")

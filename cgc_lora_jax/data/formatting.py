@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cgc_lora_jax.task_vocab import TaskVocab
+from cgc_lora_jax.data.task_vocab import TaskVocab
 
 IGNORE = -100  # label of positions without loss
 FAMILY_LAYOUTS = {"chatglm": "glm_v1", "chatglm2": "glm_v2", "chatglm3": "glm_v2",
@@ -54,13 +54,13 @@ def load_tokenizer(family: str, path: str | os.PathLike):
     """The tokenizer in local folder `path` for `family`: the demo tokenizer when the folder
     holds demo_tokenizer.json, models/chatglm_tokenizer for ChatGLM, else transformers'
     AutoTokenizer (offline)."""
-    from cgc_lora_jax.demo_tokenizer import DemoTokenizer
+    from cgc_lora_jax.demo.tokenizer import DemoTokenizer
 
     layout_of(family)
     if DemoTokenizer.is_saved_in(path):
         return DemoTokenizer.load(path)
     if family in CHATGLM_VERSIONS:
-        from models.chatglm_tokenizer import load_tokenizer as load_chatglm_tokenizer
+        from cgc_lora_jax.models.chatglm_tokenizer import load_tokenizer as load_chatglm_tokenizer
 
         return load_chatglm_tokenizer(path, version=CHATGLM_VERSIONS[family])
     if not Path(path).is_dir():

@@ -6,7 +6,7 @@ written from these rows go straight to `cgc_lora_jax.scoring`:
 
     format       input   target   task            sample_id    answer_choices   task_type
     promptcblue  input   target   task_dataset    sample_id    answer_choices*  task_type*
-    demo         as promptcblue (cgc_lora_jax.demo_data writes it)
+    demo         as promptcblue (cgc_lora_jax.demo.dataset writes it)
     firefly      input   target   kind            (file-line)  -                -
     jsonl        the `*_field` arguments name them (input, target, task required; only
                  this format reads them)
@@ -49,7 +49,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from cgc_lora_jax.task_vocab import TaskVocab
+from cgc_lora_jax.data.task_vocab import TaskVocab
 
 COLUMNS = ("sample_id", "task_dataset", "task_type", "input", "target", "answer_choices",
            "line_number")
@@ -92,7 +92,7 @@ PROMPTCBLUE_FIELDS = FieldNames("input", "target", "task_dataset", "sample_id", 
 FORMATS: dict[str, FieldNames | None] = {
     "promptcblue": PROMPTCBLUE_FIELDS,
     "firefly": FieldNames("input", "target", "kind"),
-    "demo": PROMPTCBLUE_FIELDS,  # the built-in demo data (cgc_lora_jax.demo_data) is PromptCBLUE-shaped
+    "demo": PROMPTCBLUE_FIELDS,  # the built-in demo data (cgc_lora_jax.demo.dataset) is PromptCBLUE-shaped
     "jsonl": None,  # every field name comes from the arguments
 }
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cgc_lora_jax.data import write_records
+from cgc_lora_jax.data.records import write_records
 from cgc_lora_jax.scoring import metrics
 
 NAMES = ("小明", "小红", "小刚", "妈妈", "爸爸", "老师", "弟弟", "姐姐")

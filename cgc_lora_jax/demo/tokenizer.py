@@ -28,9 +28,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from models.chatglm_tokenizer import ChatGLMTokenizerV1
+from cgc_lora_jax.models.chatglm_tokenizer import ChatGLMTokenizerV1
 
-from cgc_lora_jax.demo_data import demo_alphabet
+from cgc_lora_jax.demo.dataset import demo_alphabet
 
 FILE_NAME = "demo_tokenizer.json"
 SPECIAL_TOKENS = ("<unk>", "<pad>", "[MASK]", "[gMASK]", "<sop>", "<eop>")

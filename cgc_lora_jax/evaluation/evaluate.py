@@ -10,8 +10,8 @@ Predictions are written in the PromptCBLUE submission format (each input record 
 replaced by the model's output) to OUT/predictions_<split>.jsonl, the scores to
 OUT/scores_<split>.json ({task: score, "average": mean}) with a Markdown table
 (scores_<split>.md) and a bar chart (scores_<split>.png) beside it; OUT is the run's workdir
-unless `out_dir` is given. The baselines that are not trained runs (cgc_lora_jax.lorahub,
-cgc_lora_jax.icl) write the same files through `write_results`.
+unless `out_dir` is given. The baselines that are not trained runs (cgc_lora_jax.evaluation.lorahub,
+cgc_lora_jax.evaluation.icl) write the same files through `write_results`.
 
     scores = evaluate_run("runs/demo", split="test")
     scores = evaluate_run("runs/demo", split="test", fused=True, out_dir="runs/demo/fused")
@@ -30,14 +30,14 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from cgc_lora_jax.base_model import BaseModel, load_base
-from cgc_lora_jax.batching import make_batch
+from cgc_lora_jax.run import BaseModel, load_base
+from cgc_lora_jax.data.batching import make_batch
 from cgc_lora_jax.export import attach_adapters
 from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.merge import merge_task
-from cgc_lora_jax.report import write_scores
+from cgc_lora_jax.evaluation.report import write_scores
 from cgc_lora_jax.scoring import BENCHMARKS, score_records
-from cgc_lora_jax.trainer import encode, read_data
+from cgc_lora_jax.training.loop import encode, read_data
 
 
 class RunError(ValueError):
@@ -107,7 +107,7 @@ def generate_answers(model, params, prompts, rows, cfg, tokenizer, with_task_ids
     with_task_ids: give each row's task ID to the model (a model with adapters; fused serving);
     a plain model (merged weights, or the base alone) takes none.
     """
-    from models.generate import generate
+    from cgc_lora_jax.models.generate import generate
 
     batch_size = cfg.eval.batch_size
     answers = {}
@@ -134,7 +134,7 @@ def benchmark_of(cfg) -> str:
 
 def split_file(cfg, workdir: str | Path, split: str) -> Path | None:
     """The split's file when its records are in the submission format (PromptCBLUE, demo)."""
-    from cgc_lora_jax.trainer import data_folder
+    from cgc_lora_jax.training.loop import data_folder
 
     return data_folder(cfg, Path(workdir)) / f"{split}.json" if cfg.data.format in ("promptcblue", "demo") else None
 

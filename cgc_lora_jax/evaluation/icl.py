@@ -88,9 +88,9 @@ def run_icl(cfg, out_dir: str | Path, shots: int, seed: int | None = None, split
     original inputs, scores, table, chart) plus icl.json (settings and the examples used)."""
     from tqdm.auto import tqdm
 
-    from cgc_lora_jax.base_model import load_base
-    from cgc_lora_jax.evaluate import benchmark_of, generate_answers, split_file, write_results
-    from cgc_lora_jax.trainer import encode, read_data
+    from cgc_lora_jax.run import load_base
+    from cgc_lora_jax.evaluation.evaluate import benchmark_of, generate_answers, split_file, write_results
+    from cgc_lora_jax.training.loop import encode, read_data
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

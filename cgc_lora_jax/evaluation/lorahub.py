@@ -42,10 +42,10 @@ import numpy as np
 from flax import traverse_util
 from tqdm.auto import tqdm
 
-from cgc_lora_jax.batching import make_batch
+from cgc_lora_jax.data.batching import make_batch
 from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.params import split_params
-from cgc_lora_jax.train_step import token_losses
+from cgc_lora_jax.training.step import token_losses
 
 WEIGHT_BOUND = 1.5  # |w_i| <= 1.5, the original's bounds
 DEFAULT_ALPHA = 0.05  # the original's L1 coefficient
@@ -55,7 +55,7 @@ RESULTS_FILE = "lorahub.json"
 def source_loras(params: dict, cfg: CGCLoRAConfig) -> dict[str, tuple[jax.Array, jax.Array]]:
     """{layer path "a/b/query_key_value": (A [M, d_in, r], B [M, r, d_out])}: task i's own LoRA
     at index i, from the parameters of a LoRA Single run."""
-    from cgc_lora_jax.evaluate import RunError
+    from cgc_lora_jax.evaluation.evaluate import RunError
 
     if cfg.num_common != 0 or cfg.specific_rank == 0:
         raise RunError(
@@ -180,7 +180,7 @@ def fit_task(run, sources: dict, task: str, shots: int, budget: int, alpha: floa
              include_target: bool) -> HubResult:
     """Learn the composition weights of `task` on a loaded LoRA Single run (evaluate.load_run),
     given all its `source_loras`."""
-    from cgc_lora_jax.trainer import encode
+    from cgc_lora_jax.training.loop import encode
 
     start = time.perf_counter()
     target = run.vocab.id(task)
@@ -205,7 +205,7 @@ def run_lorahub(workdir: str | Path, out_dir: str | Path | None = None, *, shots
     """LoRAHub on every task of a LoRA Single run: learn each task's weights, generate its
     prompts with the composed, merged model, and write OUT (default WORKDIR/lorahub) like an
     evaluated run: lorahub.json (weights per task), predictions, scores, table and chart."""
-    from cgc_lora_jax.evaluate import benchmark_of, generate_answers, load_run, split_file, write_results
+    from cgc_lora_jax.evaluation.evaluate import benchmark_of, generate_answers, load_run, split_file, write_results
 
     run = load_run(workdir, split, with_train=True)
     sources = source_loras(run.params, run.lora)

@@ -26,10 +26,10 @@ S(n, K) <= MAX_EXHAUSTIVE, which covers every K for n <= 10 tasks (S(10, 5) = 42
 that, by local search: from seeded random partitions, move one task to another cluster while the
 score rises, and keep the best of `restarts` runs (not guaranteed optimal).
 
-    python -m cgc_lora_jax.cluster --config promptcblue --k 3 --steps 20 [--config.x=y ...]
+    python -m cgc_lora_jax.multitask.affinity --config promptcblue --k 3 --steps 20 [--config.x=y ...]
 
 prints the matrix, writes WORKDIR/affinity.json and affinity.png, and prints the clusters as the
-`--clusters` argument of `python -m cgc_lora_jax.clusters train`.
+`--clusters` argument of `python -m cgc_lora_jax.multitask.clusters train`.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def best_partition(affinity, k: int, *, max_exhaustive: int = MAX_EXHAUSTIVE, re
 def task_batches(split, num_tasks: int, batch_per_task: int, seed: int, pad_multiple: int) -> Iterator[dict]:
     """Endless {input_ids, labels, task_ids} with a leading task axis [T, B, W]: each step draws
     batch_per_task samples of every task (with replacement only if a task has fewer)."""
-    from cgc_lora_jax.batching import make_batch
+    from cgc_lora_jax.data.batching import make_batch
 
     rows = [np.flatnonzero(split.task_ids == t) for t in range(num_tasks)]
     empty = [t for t, r in enumerate(rows) if len(r) == 0]
@@ -216,7 +216,7 @@ def task_batches(split, num_tasks: int, batch_per_task: int, seed: int, pad_mult
 def lm_loss(model) -> LossFn:
     """Token-mean cross-entropy of one task's batch, adapters trainable, base frozen, no dropout."""
     from cgc_lora_jax.params import join_params
-    from cgc_lora_jax.train_step import token_losses
+    from cgc_lora_jax.training.step import token_losses
 
     def loss_fn(adapters, base, batch):
         logits = model.apply({"params": join_params(base, adapters)}, batch["input_ids"], None, batch["task_ids"])
@@ -239,9 +239,9 @@ def run_affinity(cfg, workdir: str | Path, steps: int, batch_per_task: int, look
 
     Training and lookahead use the run's peak learning rate, constant (the run's warm-up schedule
     would start at learning rate 0), unless `lookahead_lr` is given."""
-    from cgc_lora_jax.base_model import load_base
+    from cgc_lora_jax.run import load_base
     from cgc_lora_jax.params import split_params
-    from cgc_lora_jax.trainer import encode, lora_config, read_data
+    from cgc_lora_jax.training.loop import encode, lora_config, read_data
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -301,7 +301,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lookahead", default="adam", choices=("adam", "sgd"), help="the lookahead step's optimizer")
     parser.add_argument("--lookahead-lr", type=float, default=None, help="its learning rate (default: train.lr)")
     parser.add_argument("--workdir", default=None, help="output folder (default: runs/CONFIG-affinity)")
-    from cgc_lora_jax.clusters import format_clusters
+    from cgc_lora_jax.multitask.clusters import format_clusters
     from cgc_lora_jax.config import parse_args_with_config
 
     args, cfg = parse_args_with_config(parser, argv)
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
     snippet = format_clusters(clusters)
     print(f"best grouping into {args.k} clusters (total within-cluster affinity {score:.4f}):")
     print(f'  c.data.clusters = "{snippet}"')
-    print(f'  python -m cgc_lora_jax.clusters train --config {args.config} --clusters "{snippet}" '
+    print(f'  python -m cgc_lora_jax.multitask.clusters train --config {args.config} --clusters "{snippet}" '
           f"--workdir runs/{args.config}-1n")
     return 0
 

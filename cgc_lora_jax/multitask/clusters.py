@@ -11,7 +11,7 @@ WORKDIR/<cluster>/ (a full run folder each: config.json, task_vocab.json, checkp
 and records the mapping in WORKDIR/clusters.json. Each run resumes by itself, so the command can
 be repeated after an interruption:
 
-    python -m cgc_lora_jax.clusters train --config promptcblue --workdir runs/1n \
+    python -m cgc_lora_jax.multitask.clusters train --config promptcblue --workdir runs/1n \
         --clusters "med:CMeIE,CHIP-CDEE;cls:CHIP-CTC,KUAKE-QIC" [--config.train.steps=2000 ...]
 
 Serving holds the base once and every cluster's adapters beside it; a task's request runs its
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cgc_lora_jax.base_model import BaseModel
+from cgc_lora_jax.run import BaseModel
 from cgc_lora_jax.export import AdapterSet, attach_adapters, load_frozen_base, read_adapter_meta
 from cgc_lora_jax.params import split_params
 
@@ -86,7 +86,7 @@ def cluster_config(cfg: ml_collections.ConfigDict, tasks: Sequence[str]) -> ml_c
 
 def train_clusters(cfg: ml_collections.ConfigDict, clusters: dict[str, Sequence[str]], workdir: str | Path) -> dict:
     """Train one CGC-LoRA module set per cluster over the same base; {cluster: train summary}."""
-    from cgc_lora_jax.trainer import train
+    from cgc_lora_jax.training.loop import train
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -162,8 +162,8 @@ class MultiTaskServer:
         """Answers of `task` for prompts: texts (formatted like training prompts, answers decoded
         to text) or prompt id lists (new ids returned, up to the first eos). `sampling`: the
         keywords of models.generate.generate (do_sample, temperature, top_p, top_k, rng)."""
-        from cgc_lora_jax.formatting import PromptFormat
-        from models.generate import generate
+        from cgc_lora_jax.data.formatting import PromptFormat
+        from cgc_lora_jax.models.generate import generate
 
         model, params, task_id = self.model_and_params(task)
         if not prompts:

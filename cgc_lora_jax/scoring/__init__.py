@@ -35,7 +35,7 @@ from cgc_lora_jax.scoring import firefly, promptcblue
 
 # Each module provides TASK_NAMES and score_task(task, golds, predictions, choices). The demo's
 # module imports the data readers, which import this package: it is looked up lazily.
-BENCHMARKS = {"promptcblue": promptcblue, "firefly": firefly, "demo": "cgc_lora_jax.demo_data"}
+BENCHMARKS = {"promptcblue": promptcblue, "firefly": firefly, "demo": "cgc_lora_jax.demo.dataset"}
 
 
 class ScoringError(ValueError):

@@ -25,15 +25,15 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from cgc_lora_jax.base_model import load_base
-from cgc_lora_jax.checkpoint import RunCheckpoints, abstract_like, save_adapters
+from cgc_lora_jax.run import load_base
+from cgc_lora_jax.training.checkpoint import RunCheckpoints, abstract_like, save_adapters
 from cgc_lora_jax.config import to_json
 from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.params import count_parameters, split_params
-from cgc_lora_jax.run_log import RunLog
+from cgc_lora_jax.training.run_log import RunLog
 from cgc_lora_jax.sharding import BATCH_SPEC, make_mesh
-from cgc_lora_jax.task_vocab import TaskVocab
-from cgc_lora_jax.train_step import TrainState, make_eval_step, make_optimizer, make_train_step
+from cgc_lora_jax.data.task_vocab import TaskVocab
+from cgc_lora_jax.training.step import TrainState, make_eval_step, make_optimizer, make_train_step
 
 VOCAB_FILE = "task_vocab.json"
 
@@ -62,7 +62,7 @@ def lora_config(cfg, num_tasks: int) -> CGCLoRAConfig:
 def data_folder(cfg, workdir: Path) -> Path:
     if cfg.data.format != "demo":
         return Path(cfg.data.path)
-    from cgc_lora_jax.demo_data import write_demo_dataset
+    from cgc_lora_jax.demo.dataset import write_demo_dataset
 
     folder = Path(cfg.data.path) if cfg.data.path else workdir / "data"
     if not (folder / "train.json").is_file():
@@ -73,7 +73,7 @@ def data_folder(cfg, workdir: Path) -> Path:
 
 def read_data(cfg, workdir: Path, splits=("train", "dev"), prediction_splits=()) -> tuple:
     """(Splits, vocab): the run's saved task vocabulary wins over the config's task list."""
-    from cgc_lora_jax.data import load_splits
+    from cgc_lora_jax.data.records import load_splits
 
     vocab_file = workdir / VOCAB_FILE
     vocab = TaskVocab.load(vocab_file) if vocab_file.is_file() else None
@@ -92,7 +92,7 @@ def read_data(cfg, workdir: Path, splits=("train", "dev"), prediction_splits=())
 
 
 def encode(cfg, split, base, vocab, for_prediction=False):
-    from cgc_lora_jax.formatting import encode_split
+    from cgc_lora_jax.data.formatting import encode_split
 
     return encode_split(split, base.tokenizer, family=base.family, vocab=vocab, max_source_len=cfg.data.max_source_len,
                         max_target_len=cfg.data.max_target_len, for_prediction=for_prediction)
@@ -115,7 +115,7 @@ def _truncate_metrics(workdir: Path, step: int) -> None:
 
 
 def validation_loss(eval_step, adapters, base_params, dev, cfg, mesh, vocab) -> dict:
-    from cgc_lora_jax.batching import BatchIterator
+    from cgc_lora_jax.data.batching import BatchIterator
 
     batches = BatchIterator(dev, batch_size=cfg.train.batch_size, seed=0, pad_multiple=cfg.data.pad_multiple,
                             shuffle=False, last_batch="pad")
@@ -134,7 +134,7 @@ def validation_loss(eval_step, adapters, base_params, dev, cfg, mesh, vocab) -> 
 
 def train(cfg, workdir: str | Path) -> dict:
     """Run (or resume) the training job of `cfg` in `workdir`; returns the final figures."""
-    from cgc_lora_jax.batching import BatchIterator
+    from cgc_lora_jax.data.batching import BatchIterator
 
     maybe_initialize_distributed()
     workdir = Path(workdir)
