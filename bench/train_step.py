@@ -55,7 +55,8 @@ import numpy as np  # noqa: E402
 from bench._common import interleaved_medians, run_child_peak_rss  # noqa: E402
 from cgc_lora_jax.layers import CGCLoRAConfig  # noqa: E402
 from cgc_lora_jax.params import count_parameters, split_params  # noqa: E402
-from cgc_lora_jax.training.step import IGNORE, TrainState, make_optimizer, make_train_step, token_losses  # noqa: E402
+from cgc_lora_jax.loss import IGNORE, token_losses  # noqa: E402
+from cgc_lora_jax.training.step import TrainState, make_optimizer, make_train_step  # noqa: E402
 from cgc_lora_jax.models import chatglm, llama  # noqa: E402
 
 GLM_TARGETS = r"query_key_value|dense|dense_h_to_4h|dense_4h_to_h"

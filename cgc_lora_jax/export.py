@@ -12,122 +12,35 @@ Task t's update of an adapted layer is the rank r' = N_c * r_c + r_s product (me
          comes from inverting the family's key map ("<HF module>.weight" -> (<layer>/kernel, True)).
   hf     W0 + Delta W_t folded into the kernels (merge_task) and saved under the original HF names
          (save_pretrained), with the base folder's tokenizer and code files copied beside them.
-  orbax  the adapters and gate of every task (checkpoint.save_adapters) and meta.json (CGC-LoRA
+  orbax  the adapters and gate of every task (run.save_adapters) and meta.json (CGC-LoRA
          config, task vocabulary, base path and fingerprint, dtype): `load_exported_adapters`
          restores them onto a freshly loaded base, without any training state.
 
-    python -m cgc_lora_jax.export --workdir runs/demo --task all --format peft --out exports/peft
+    python -m cgc_lora_jax export --workdir runs/demo --task all --format peft --out exports/peft
     model, params, vocab = load_exported_adapters("exports/orbax", "checkpoints/chatglm-6b")
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
-from flax import traverse_util
 
-from cgc_lora_jax.run import BaseModel, load_base
-from cgc_lora_jax.training.checkpoint import BaseMismatchError, load_adapters, save_adapters
-from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.merge import merge_task, task_lora_factors
-from cgc_lora_jax.params import is_adapter_path, join_params, split_params
-from cgc_lora_jax.data.task_vocab import TaskVocab
+from cgc_lora_jax.params import split_params
+from cgc_lora_jax.run import BUILTIN_PREFIX, AdapterSet, BaseModel, load_adapter_set, save_adapters
 
 FORMATS = ("peft", "hf", "orbax")
-BUILTIN_PREFIX = "builtin:"  # base "path" of a built-in base (base_model.py), e.g. builtin:tiny-chatglm
 ADAPTER_SET_FORMAT = "cgc-lora-jax adapter set"
 # Files of a base folder that an HF export copies (tokenizer, generation config, ChatGLM's code),
 # and those it must not (the base's own config and weights index: the export writes its own).
 _BASE_EXTRAS = re.compile(r".*\.(json|model|py|txt|tiktoken|jinja)")
 _BASE_OWN = re.compile(r"config\.json|.*\.index\.json")
-
-
-@dataclasses.dataclass
-class AdapterSet:
-    """A trained adapter set on its base: the model (with adapters) and base + adapter params."""
-
-    base: BaseModel  # model (with `lora`), params (base + trained adapters), family, info
-    lora: CGCLoRAConfig
-    vocab: TaskVocab
-    meta: dict  # the adapters' meta.json
-    dtype: str  # "float32" | "bfloat16"
-
-    @property
-    def params(self) -> dict:
-        return self.base.params
-
-
-def load_frozen_base(path: str, *, dtype: str = "float32", with_tokenizer: bool = False) -> BaseModel:
-    """The plain base (no adapters) at `path`: an HF folder or "builtin:NAME"."""
-    builtin = path[len(BUILTIN_PREFIX):] if path.startswith(BUILTIN_PREFIX) else ""
-    model_cfg = ml_collections.ConfigDict({"path": "" if builtin else path, "builtin": builtin, "dtype": dtype, "remat": False})
-    return load_base(model_cfg, lora=None, with_tokenizer=with_tokenizer)
-
-
-def adapter_shapes(model) -> dict:
-    """The adapter subtree of `model` (a model with `lora`) as ShapeDtypeStructs, from
-    eval_shape: what an adapter checkpoint restores into, with nothing initialised."""
-    from cgc_lora_jax.models.hf_io import abstract_params
-
-    flat = abstract_params(model, with_adapters=True)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return traverse_util.unflatten_dict({
-        p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device) for p, s in flat.items() if is_adapter_path(p)})
-
-
-def read_adapter_meta(folder: str | Path) -> tuple[Path, dict, CGCLoRAConfig, TaskVocab, str]:
-    """(adapters folder, meta, lora config, vocab, dtype) of a run workdir (its adapters/) or an
-    orbax export folder."""
-    folder = Path(folder)
-    adapters_dir = folder / "adapters" if (folder / "adapters" / "meta.json").is_file() else folder
-    if not (adapters_dir / "meta.json").is_file():
-        raise FileNotFoundError(f"{folder}: neither a training run (adapters/meta.json) nor an "
-                                "exported adapter set (meta.json)")
-    meta = json.loads((adapters_dir / "meta.json").read_text())
-    vocab = TaskVocab(meta["task_vocab"])
-    if "lora" in meta:  # an orbax export
-        lora, dtype = CGCLoRAConfig(**meta["lora"]), meta["model"]["dtype"]
-    else:  # a training run: meta["config"] is the run's resolved config
-        lora = CGCLoRAConfig(num_tasks=len(vocab), **meta["config"]["lora"])
-        dtype = meta["config"]["model"]["dtype"]
-    run_vocab = folder / "task_vocab.json"
-    if run_vocab.is_file() and TaskVocab.load(run_vocab) != vocab:
-        raise ValueError(f"{run_vocab} and {adapters_dir / 'meta.json'} name different tasks")
-    return adapters_dir, meta, lora, vocab, dtype
-
-
-def attach_adapters(base: BaseModel, folder: str | Path) -> AdapterSet:
-    """The adapter set in `folder` (a run workdir or an orbax export) on an already loaded plain
-    base: the base's parameter arrays are shared, not copied. The base's fingerprint must be the
-    one recorded at training."""
-    adapters_dir, meta, lora, vocab, dtype = read_adapter_meta(folder)
-    if base.info["fingerprint"] != meta["base"]["fingerprint"]:
-        raise BaseMismatchError(
-            f"{adapters_dir} was trained on base {meta['base']['path']!r} (fingerprint "
-            f"{meta['base']['fingerprint'][:12]}), but {base.info['path']!r} has fingerprint "
-            f"{base.info['fingerprint'][:12]}")
-    model = base.model.clone(lora=lora)
-    adapters, _ = load_adapters(adapters_dir, adapter_shapes(model))
-    with_adapters = BaseModel(base.family, model, join_params(base.params, adapters), base.tokenizer, base.info)
-    return AdapterSet(with_adapters, lora, vocab, meta, dtype)
-
-
-def load_adapter_set(folder: str | Path, base_path: str | None = None) -> AdapterSet:
-    """A run's (or an orbax export's) adapters on a freshly loaded base.
-
-    base_path: where the base is now (default: the path recorded at training).
-    """
-    _, meta, _, _, dtype = read_adapter_meta(folder)
-    return attach_adapters(load_frozen_base(str(base_path or meta["base"]["path"]), dtype=dtype), folder)
 
 
 def load_exported_adapters(folder: str | Path, base_path: str | None = None):
@@ -244,20 +157,3 @@ def export(workdir: str | Path, task: str, fmt: str, out: str | Path, base_path:
     if task != "all":
         return [write(adapter_set, task, out)]
     return [write(adapter_set, name, Path(out) / name) for name in adapter_set.vocab.tasks]
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="training run folder (or an orbax export)")
-    parser.add_argument("--task", required=True, help="task name, or 'all' (one folder per task)")
-    parser.add_argument("--format", required=True, choices=FORMATS, help="peft | hf | orbax")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--base", default=None, help="the base's folder now (default: the recorded path)")
-    args = parser.parse_args(argv)
-    for folder in export(args.workdir, args.task, args.format, args.out, args.base):
-        print(f"wrote {folder}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,22 @@
-"""The frozen base model of a run: a local Hugging Face folder, or a built-in tiny model.
+"""A run folder and everything a stage needs from it: config, task vocabulary, data, base, adapters.
 
-    base = load_base(cfg.model, lora=lora_cfg, mesh=mesh, workdir=workdir)
-    base.model, base.params, base.tokenizer, base.family, base.info  # info: path + fingerprint
+Training writes a run folder; evaluation, the baselines, 1+N serving and export read it:
+
+    WORKDIR/config.json        the resolved config                  load_run_config
+    WORKDIR/task_vocab.json    task name -> task ID                  read_data (it wins over data.tasks)
+    WORKDIR/data/              a generated dataset (the demo's)      data_folder
+    WORKDIR/tokenizer/         a built-in base's tokenizer           load_base
+    WORKDIR/adapters/          trained adapters + meta.json          save_adapters / attach_adapters
+
+The frozen base is never copied into a run: its path and a fingerprint (config.json and, per
+weight file, name, size and a hash of its first and last MiB) are recorded, and adapters refuse a
+base with another fingerprint (BaseMismatchError).
+
+    cfg = load_run_config("runs/demo")
+    splits, vocab = read_data(cfg, Path("runs/demo"), splits=("test",), prediction_splits=("test",))
+    base = load_base(cfg.model, lora=None)                  # BaseModel: model, params, tokenizer
+    run = attach_adapters(base, "runs/demo")               # AdapterSet: the model with `lora`
+    prompts = encode(cfg.data, list(splits.datasets["test"]), run.base, vocab, for_prediction=True)
 
 `model.builtin = "tiny-chatglm"` is a seeded, randomly initialised ChatGLM-6B-architecture model
 (2 blocks, width 128) with the demo's character tokenizer: it needs no download, and its
@@ -13,25 +28,105 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import traverse_util
 
-from cgc_lora_jax.training.checkpoint import fingerprint_base
+from cgc_lora_jax.data.task_vocab import TaskVocab
+from cgc_lora_jax.demo.dataset import write_demo_dataset
 from cgc_lora_jax.layers import CGCLoRAConfig
-from cgc_lora_jax.params import join_params, split_params
+from cgc_lora_jax.params import is_adapter_path, join_params, split_params
 from cgc_lora_jax.sharding import match_partition_rules, named_shardings
 
+VOCAB_FILE = "task_vocab.json"
+ADAPTERS_DIR = "adapters"
+BUILTIN_PREFIX = "builtin:"  # base "path" of a built-in base, e.g. builtin:tiny-chatglm
 BUILTIN_SEED = 0
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MIB = 1 << 20
+GENERATED_DATASETS = {"demo": write_demo_dataset}  # data.format -> writer of a dataset made on first use
 OBTAIN_CHATGLM = (
     "Download THUDM/chatglm-6b (or chatglm2-6b / chatglm3-6b) from the Hugging Face Hub on a machine "
     "with network access, e.g. `huggingface-cli download THUDM/chatglm-6b --local-dir checkpoints/chatglm-6b`, "
     "copy the folder (config.json, ice_text.model or tokenizer.model, pytorch_model*.bin or "
     "*.safetensors) here, and pass it as --config.model.path=FOLDER"
 )
+
+
+class RunError(ValueError):
+    """A run that cannot be used as asked (not a run folder, a layout the method cannot use)."""
+
+
+class BaseMismatchError(RuntimeError):
+    """Adapters or a checkpoint trained on another base than the one at hand."""
+
+
+# --- config, data ---------------------------------------------------------------------------
+
+
+def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    workdir = Path(workdir)
+    path = workdir / "config.json"
+    if not workdir.is_dir():
+        raise FileNotFoundError(f"{workdir} does not exist: pass the --workdir of a training run")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {workdir} is not a training run's workdir")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def lora_config(lora_cfg, num_tasks: int) -> CGCLoRAConfig:
+    """The CGC-LoRA layer config of a config's `lora` section, for `num_tasks` tasks."""
+    return CGCLoRAConfig(num_tasks=num_tasks, **lora_cfg.to_dict())
+
+
+def data_folder(data_cfg, workdir: Path) -> Path:
+    """data.path; a generated dataset (data.format "demo") is written on first use into
+    data.path, or WORKDIR/data when data.path is empty."""
+    generate = GENERATED_DATASETS.get(data_cfg.format)
+    if generate is None:
+        return Path(data_cfg.path)
+    folder = Path(data_cfg.path) if data_cfg.path else Path(workdir) / "data"
+    if not (folder / "train.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        generate(folder, seed=0)
+    return folder
+
+
+def read_data(cfg, workdir: Path, splits=("train", "dev"), prediction_splits=()) -> tuple:
+    """(Splits, vocab) of `cfg.data`: the run's saved task vocabulary wins over data.tasks."""
+    from cgc_lora_jax.data.records import load_splits
+
+    vocab_file = Path(workdir) / VOCAB_FILE
+    vocab = TaskVocab.load(vocab_file) if vocab_file.is_file() else None
+    data = cfg.data
+    caps = {"train": data.max_train_per_task or None, "dev": data.max_eval_per_task or None,
+            "test": data.max_eval_per_task or None}
+    extra = {}
+    if data.format == "jsonl":
+        extra = dict(input_field=data.input_field, target_field=data.target_field, task_field=data.task_field)
+    splits = load_splits(
+        data_folder(data, workdir), data_format=data.format, splits=splits, prediction_splits=prediction_splits,
+        tasks=tuple(data.tasks) or None, vocab=vocab, max_per_task=caps, seed=cfg.train.seed,
+        on_error=data.on_error, **extra,
+    )
+    return splits, splits.vocab
+
+
+def encode(data_cfg, records, base, vocab, for_prediction=False):
+    """An EncodedSplit of `records` in the base's prompt format, truncated to data_cfg's budgets."""
+    from cgc_lora_jax.data.formatting import encode_split
+
+    return encode_split(records, base.tokenizer, family=base.family, vocab=vocab, max_source_len=data_cfg.max_source_len,
+                        max_target_len=data_cfg.max_target_len, for_prediction=for_prediction)
+
+
+# --- the frozen base ------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -41,6 +136,22 @@ class BaseModel:
     params: dict  # base parameters, plus freshly initialised adapters when `lora` was given
     tokenizer: Any
     info: dict  # {"path": ..., "fingerprint": ...}: recorded in checkpoints, checked on resume
+
+
+def fingerprint_base(path: str | Path) -> str:
+    """A cheap identity of a Hugging Face folder (no full read of a 12 GB checkpoint)."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(path).iterdir()):
+        if file.name == "config.json" or file.suffix in (".json", ".model"):
+            digest.update(file.name.encode() + file.read_bytes())
+        elif file.suffix in (".bin", ".safetensors"):
+            size = file.stat().st_size
+            digest.update(f"{file.name}:{size}".encode())
+            with open(file, "rb") as f:
+                digest.update(f.read(MIB))
+                f.seek(max(size - MIB, 0))
+                digest.update(f.read(MIB))
+    return digest.hexdigest()
 
 
 def tiny_chatglm_config(vocab_size: int) -> dict:
@@ -58,6 +169,27 @@ def _dtype(name: str):
     if name not in DTYPES:
         raise ValueError(f"model.dtype={name!r}: expected one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+def load_tokenizer(family: str, path: str | os.PathLike):
+    """The tokenizer in local folder `path` for `family`: the demo tokenizer when the folder
+    holds demo_tokenizer.json, models/chatglm_tokenizer for ChatGLM, else transformers'
+    AutoTokenizer (offline)."""
+    from cgc_lora_jax.data.formatting import layout_of
+    from cgc_lora_jax.demo.tokenizer import DemoTokenizer
+    from cgc_lora_jax.models.chatglm_tokenizer import CHATGLM_VERSIONS
+    from cgc_lora_jax.models.chatglm_tokenizer import load_tokenizer as load_chatglm_tokenizer
+
+    layout_of(family)
+    if DemoTokenizer.is_saved_in(path):
+        return DemoTokenizer.load(path)
+    if family in CHATGLM_VERSIONS:
+        return load_chatglm_tokenizer(path, version=CHATGLM_VERSIONS[family])
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"tokenizer folder {path} does not exist")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 def _load_builtin(model_cfg, lora, mesh, workdir, seed) -> BaseModel:
@@ -93,7 +225,6 @@ def load_base(model_cfg, *, lora: CGCLoRAConfig | None, mesh=None, workdir=None,
     """
     if model_cfg.builtin:
         return _load_builtin(model_cfg, lora, mesh, workdir, seed)
-    from cgc_lora_jax.data.formatting import load_tokenizer
     from cgc_lora_jax.models.family import detect_family
     from cgc_lora_jax.models.hf_io import load_pretrained, read_hf_config
 
@@ -104,3 +235,106 @@ def load_base(model_cfg, *, lora: CGCLoRAConfig | None, mesh=None, workdir=None,
     model, params = load_pretrained(path, _dtype(model_cfg.dtype), lora=lora, remat=model_cfg.remat, mesh=mesh, seed=seed)
     tokenizer = load_tokenizer(family.name, path) if with_tokenizer else None
     return BaseModel(family.name, model, params, tokenizer, {"path": str(path.resolve()), "fingerprint": fingerprint_base(path)})
+
+
+def load_frozen_base(path: str, *, dtype: str = "float32", with_tokenizer: bool = False) -> BaseModel:
+    """The plain base (no adapters) at `path`: an HF folder or "builtin:NAME"."""
+    builtin = path[len(BUILTIN_PREFIX):] if path.startswith(BUILTIN_PREFIX) else ""
+    model_cfg = ml_collections.ConfigDict({"path": "" if builtin else path, "builtin": builtin, "dtype": dtype, "remat": False})
+    return load_base(model_cfg, lora=None, with_tokenizer=with_tokenizer)
+
+
+# --- adapters -------------------------------------------------------------------------------
+
+
+def save_adapters(directory: str | Path, adapters, meta: dict) -> Path:
+    """The trained adapters and gate as a standalone orbax checkpoint, plus meta as JSON."""
+    directory = Path(directory).resolve()
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / "params", adapters, force=True)
+    tmp = directory / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    tmp.replace(directory / "meta.json")
+    return directory
+
+
+def load_adapters(directory: str | Path, abstract_adapters=None) -> tuple[object, dict]:
+    directory = Path(directory).resolve()
+    if not (directory / "meta.json").is_file():
+        raise FileNotFoundError(f"{directory}: no meta.json; not an adapters folder written by save_adapters")
+    meta = json.loads((directory / "meta.json").read_text())
+    with ocp.StandardCheckpointer() as checkpointer:
+        adapters = checkpointer.restore(directory / "params", abstract_adapters)
+    return adapters, meta
+
+
+@dataclasses.dataclass
+class AdapterSet:
+    """A trained adapter set on its base: the model (with adapters) and base + adapter params."""
+
+    base: BaseModel  # model (with `lora`), params (base + trained adapters), family, info
+    lora: CGCLoRAConfig
+    vocab: TaskVocab
+    meta: dict  # the adapters' meta.json
+    dtype: str  # "float32" | "bfloat16"
+
+    @property
+    def params(self) -> dict:
+        return self.base.params
+
+
+def adapter_shapes(model) -> dict:
+    """The adapter subtree of `model` (a model with `lora`) as ShapeDtypeStructs, from
+    eval_shape: what an adapter checkpoint restores into, with nothing initialised."""
+    from cgc_lora_jax.models.hf_io import abstract_params
+
+    flat = abstract_params(model, with_adapters=True)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return traverse_util.unflatten_dict({
+        p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device) for p, s in flat.items() if is_adapter_path(p)})
+
+
+def read_adapter_meta(folder: str | Path) -> tuple[Path, dict, CGCLoRAConfig, TaskVocab, str]:
+    """(adapters folder, meta, lora config, vocab, dtype) of a run workdir (its adapters/) or an
+    orbax export folder."""
+    folder = Path(folder)
+    adapters_dir = folder / ADAPTERS_DIR if (folder / ADAPTERS_DIR / "meta.json").is_file() else folder
+    if not (adapters_dir / "meta.json").is_file():
+        raise FileNotFoundError(f"{folder}: neither a training run (adapters/meta.json) nor an "
+                                "exported adapter set (meta.json)")
+    meta = json.loads((adapters_dir / "meta.json").read_text())
+    vocab = TaskVocab(meta["task_vocab"])
+    if "lora" in meta:  # an orbax export
+        lora, dtype = CGCLoRAConfig(**meta["lora"]), meta["model"]["dtype"]
+    else:  # a training run: meta["config"] is the run's resolved config
+        lora = CGCLoRAConfig(num_tasks=len(vocab), **meta["config"]["lora"])
+        dtype = meta["config"]["model"]["dtype"]
+    run_vocab = folder / VOCAB_FILE
+    if run_vocab.is_file() and TaskVocab.load(run_vocab) != vocab:
+        raise ValueError(f"{run_vocab} and {adapters_dir / 'meta.json'} name different tasks")
+    return adapters_dir, meta, lora, vocab, dtype
+
+
+def attach_adapters(base: BaseModel, folder: str | Path) -> AdapterSet:
+    """The adapter set in `folder` (a run workdir or an orbax export) on an already loaded plain
+    base: the base's parameter arrays are shared, not copied. The base's fingerprint must be the
+    one recorded at training."""
+    adapters_dir, meta, lora, vocab, dtype = read_adapter_meta(folder)
+    if base.info["fingerprint"] != meta["base"]["fingerprint"]:
+        raise BaseMismatchError(
+            f"{adapters_dir} was trained on base {meta['base']['path']!r} (fingerprint "
+            f"{meta['base']['fingerprint'][:12]}), but {base.info['path']!r} has fingerprint "
+            f"{base.info['fingerprint'][:12]}")
+    model = base.model.clone(lora=lora)
+    adapters, _ = load_adapters(adapters_dir, adapter_shapes(model))
+    with_adapters = BaseModel(base.family, model, join_params(base.params, adapters), base.tokenizer, base.info)
+    return AdapterSet(with_adapters, lora, vocab, meta, dtype)
+
+
+def load_adapter_set(folder: str | Path, base_path: str | None = None) -> AdapterSet:
+    """A run's (or an orbax export's) adapters on a freshly loaded base.
+
+    base_path: where the base is now (default: the path recorded at training).
+    """
+    _, meta, _, _, dtype = read_adapter_meta(folder)
+    return attach_adapters(load_frozen_base(str(base_path or meta["base"]["path"]), dtype=dtype), folder)

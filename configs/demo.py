@@ -34,4 +34,5 @@ def get_config():
     c.eval.split = "test"
     c.eval.max_new_tokens = 32
     c.eval.batch_size = 32
+    c.eval.after_training = True
     return c

@@ -30,10 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.targets = r"(query_key_value|dense|dense_h_to_4h|dense_4h_to_h)$"  # regex on layer paths
 
     c.data = ml_collections.ConfigDict()
-    c.data.format = "promptcblue"  # promptcblue | firefly | jsonl | demo
+    c.data.format = "promptcblue"  # promptcblue | firefly | jsonl | demo: the reader and the scorer
     c.data.path = "data/PromptCBLUE"  # folder with train.json, dev.json, test.json
     c.data.tasks = PAPER_TASKS  # task subset, in task-ID order (empty: every task in train.json)
-    c.data.clusters = ""  # 1+N: "name1:TaskA,TaskB;name2:TaskC" for `python -m cgc_lora_jax.multitask.clusters train`
+    c.data.clusters = ""  # 1+N: "name1:TaskA,TaskB;name2:TaskC" for `python -m cgc_lora_jax clusters train`
     c.data.max_train_per_task = 0  # cap on training samples per task (0: no cap)
     c.data.max_eval_per_task = 0  # cap on dev/test samples per task (0: no cap)
     c.data.max_source_len = 1024  # prompt tokens kept (longer prompts are truncated and counted)
@@ -69,4 +69,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.split = "test"  # dev | test: the file eval.py predicts
     c.eval.max_new_tokens = 196  # generation length cap per answer
     c.eval.batch_size = 16  # prompts per generation batch
+    c.eval.after_training = False  # train.py evaluates eval.split when training ends (--no-eval skips it)
     return c

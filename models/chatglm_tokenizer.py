@@ -42,6 +42,9 @@ from typing import Sequence
 import numpy as np
 import sentencepiece as spm
 
+# Tokenizer version of each ChatGLM family name (None: read from the folder's files).
+CHATGLM_VERSIONS = {"chatglm": "v1", "chatglm2": None, "chatglm3": "v3"}
+
 VERSIONS = ("v1", "v2", "v3")
 V1_MODEL_FILE = "ice_text.model"
 V2_MODEL_FILE = "tokenizer.model"  # shared by ChatGLM2-6B and ChatGLM3-6B

@@ -1,4 +1,4 @@
-"""cgc_lora_jax/cluster.py: lookahead affinity on a toy CGC-LoRA regression with two conflicting
+"""cgc_lora_jax/multitask/affinity.py: lookahead affinity on a toy CGC-LoRA regression with two conflicting
 task groups, the partition search against brute force, and the command on the built-in demo."""
 
 import itertools
@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from cgc_lora_jax.cli import affinity as affinity_cli
 from cgc_lora_jax.multitask import affinity as cluster
 from cgc_lora_jax.multitask.clusters import parse_clusters
 from cgc_lora_jax.layers import CGCLoRAConfig, Dense, TaskRouting
@@ -131,7 +132,7 @@ def test_partition_search_matches_brute_force():
 
 
 def test_command_on_the_demo_prints_matrix_heatmap_and_clusters(tmp_path, capsys):
-    assert cluster.main(["--config", "demo", "--k", "2", "--steps", "1", "--batch-per-task", "2",
+    assert affinity_cli.main(["--config", "demo", "--k", "2", "--steps", "1", "--batch-per-task", "2",
                          "--workdir", str(tmp_path), "--config.data.pad_multiple=128"]) == 0
     out = capsys.readouterr().out
     saved = json.loads((tmp_path / "affinity.json").read_text())

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from cgc_lora_jax.data.batching import BatchIterator, make_batch, plan_epoch, prompt_batches
-from cgc_lora_jax.data.formatting import IGNORE, EncodedSplit
+from cgc_lora_jax.data.formatting import EncodedSplit
+from cgc_lora_jax.loss import IGNORE
 
 PAD = 0
 

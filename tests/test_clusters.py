@@ -1,5 +1,6 @@
-"""cgc_lora_jax/clusters.py: the cluster mapping, one trained module set per cluster over the
-built-in tiny base, and the server that routes tasks to clusters without reloading the base."""
+"""cgc_lora_jax/multitask/clusters.py and server.py: the cluster mapping, one trained module set
+per cluster over the built-in tiny base, and the server that routes tasks to clusters without
+reloading the base."""
 
 import json
 from pathlib import Path
@@ -9,10 +10,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cgc_lora_jax.multitask import clusters as clusters_mod
-from cgc_lora_jax import export
-from cgc_lora_jax.training.checkpoint import load_adapters, save_adapters
-from cgc_lora_jax.multitask.clusters import MultiTaskServer, jitted_apply, format_clusters, parse_clusters
+from cgc_lora_jax import run
+from cgc_lora_jax.cli import clusters as clusters_cli
+from cgc_lora_jax.multitask.clusters import format_clusters, parse_clusters
+from cgc_lora_jax.multitask.server import MultiTaskServer, jitted_apply
+from cgc_lora_jax.run import load_adapters, save_adapters
 from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.params import join_params, split_params
 from cgc_lora_jax.models.generate import generate
@@ -35,7 +37,7 @@ def test_parse_and_format_clusters():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("one_plus_n")
-    assert clusters_mod.main(["train", "--config", "demo", "--clusters", format_clusters(CLUSTERS),
+    assert clusters_cli.main(["train", "--config", "demo", "--clusters", format_clusters(CLUSTERS),
                               "--workdir", str(workdir), *(f"--config.{o}" for o in TINY)]) == 0
     return workdir
 
@@ -71,8 +73,8 @@ def served(trained, tmp_path_factory) -> Path:
 
 def test_server_routes_tasks_and_never_reloads_the_base(served, monkeypatch):
     loads = []
-    original = export.load_base
-    monkeypatch.setattr(export, "load_base", lambda *a, **k: loads.append(1) or original(*a, **k))
+    original = run.load_base
+    monkeypatch.setattr(run, "load_base", lambda *a, **k: loads.append(1) or original(*a, **k))
     server = MultiTaskServer.from_workdir(served)
     assert len(loads) == 1
     assert server.route("ColourExtraction") == ("colour", 0)

@@ -11,12 +11,14 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cgc_lora_jax.demo import dataset as demo_data
+from cgc_lora_jax.demo import scorer as demo_scorer
 from cgc_lora_jax.data.records import load_splits
-from cgc_lora_jax.demo.dataset import (CATEGORIES, CHINESE_DIGITS, COLOURS, TASK_NAMES, demo_records,
-                                    score_task, write_demo_dataset)
+from cgc_lora_jax.demo.dataset import CATEGORIES, CHINESE_DIGITS, COLOURS, demo_records, write_demo_dataset
+from cgc_lora_jax.demo.scorer import TASK_NAMES, score_task
 from cgc_lora_jax.demo.tokenizer import DemoTokenizer
-from cgc_lora_jax.data.formatting import IGNORE, encode_split, load_tokenizer
+from cgc_lora_jax.data.formatting import encode_split
+from cgc_lora_jax.run import load_tokenizer
+from cgc_lora_jax.loss import IGNORE
 
 FIELDS = {"input", "target", "answer_choices", "task_type", "task_dataset", "sample_id"}
 ROUGE_IDENTICAL = 2 * (1 / (2 + 1e-8))
@@ -123,4 +125,4 @@ def test_scores_on_hand_made_cases(records):
         expected = ROUGE_IDENTICAL if task == "DigitsToChinese" else 1.0
         assert perfect == pytest.approx(expected, abs=1e-12)
     with pytest.raises(KeyError):
-        demo_data.canonical_task("CMeIE")
+        demo_scorer.canonical_task("CMeIE")

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-import eval as eval_cli
-from cgc_lora_jax.training.checkpoint import load_adapters, save_adapters
+from cgc_lora_jax.cli import eval as eval_cli
+from cgc_lora_jax.run import load_adapters, save_adapters
 from cgc_lora_jax.config import load_config
 from cgc_lora_jax.scoring import score_files
 from cgc_lora_jax.training.loop import train

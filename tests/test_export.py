@@ -20,12 +20,12 @@ import transformers
 from flax import traverse_util
 
 from cgc_lora_jax import export
-from cgc_lora_jax.training.checkpoint import fingerprint_base, load_adapters, save_adapters
+from cgc_lora_jax.cli import export as export_cli
+from cgc_lora_jax.run import adapter_shapes, fingerprint_base, load_adapter_set, load_adapters, lora_config, save_adapters
 from cgc_lora_jax.config import load_config, to_json
 from cgc_lora_jax.merge import merge_task
 from cgc_lora_jax.params import join_params
 from cgc_lora_jax.data.task_vocab import TaskVocab
-from cgc_lora_jax.training.loop import lora_config
 from cgc_lora_jax.models.family import FAMILIES
 from cgc_lora_jax.models.hf_io import load_pretrained, locate_tensors, open_weights
 
@@ -49,7 +49,7 @@ def random_adapters(model, seed: int) -> dict:
     """Gaussian A, B and gate for `model`'s adapters (B is zero after init, which would make every
     task the base); numpy, since compiling `model.init` costs more than this whole file."""
     rng = np.random.default_rng(seed)
-    flat = traverse_util.flatten_dict(export.adapter_shapes(model))
+    flat = traverse_util.flatten_dict(adapter_shapes(model))
     std = lambda path: 1.0 if "task_gate" in path else 0.15  # noqa: E731
     return traverse_util.unflatten_dict(
         {p: jnp.asarray(std(p) * rng.standard_normal(s.shape), s.dtype) for p, s in flat.items()})
@@ -61,7 +61,7 @@ def make_run(workdir: Path, base_path: Path, targets: str, tasks=TASKS) -> dict:
         f"model.path={base_path}", "model.dtype=float32", "lora.num_common=2", "lora.common_rank=2",
         "lora.specific_rank=2", "lora.alpha=8.0", "lora.task_embed_dim=8", "lora.dropout=0.0",
         f"lora.targets={targets}", f"data.tasks={','.join(tasks)}"])
-    lora = lora_config(cfg, len(tasks))
+    lora = lora_config(cfg.lora, len(tasks))
     plain, base = load_pretrained(base_path, jnp.float32)
     model = plain.clone(lora=lora)
     adapters = random_adapters(model, seed=1)
@@ -113,7 +113,7 @@ def load_torch(folder: Path):
 
 def test_peft_export_of_every_task_matches_our_adapters(tiny_run):
     out = tiny_run["root"] / "peft"
-    assert export.main(["--workdir", str(tiny_run["workdir"]), "--task", "all", "--format", "peft", "--out", str(out)]) == 0
+    assert export_cli.main(["--workdir", str(tiny_run["workdir"]), "--task", "all", "--format", "peft", "--out", str(out)]) == 0
     ours = {t: our_logits(tiny_run["model"], tiny_run["params"], tiny_run["ids"], t) for t in range(len(TASKS))}
     assert rel_err(ours[0], ours[1]) > 1e-2 and rel_err(ours[1], ours[2]) > 1e-2  # tasks really differ
     for task_id, task in enumerate(TASKS):
@@ -154,7 +154,7 @@ def test_orbax_export_restores_onto_a_fresh_base_exactly(tiny_run):
     model, params, vocab = export.load_exported_adapters(folder, str(tiny_run["base"]))
     assert vocab == TaskVocab(TASKS)
     stored, meta = load_adapters(folder)  # the adapters and gate only: no base, no optimizer state
-    assert set(traverse_util.flatten_dict(stored)) == set(traverse_util.flatten_dict(export.adapter_shapes(model)))
+    assert set(traverse_util.flatten_dict(stored)) == set(traverse_util.flatten_dict(adapter_shapes(model)))
     assert meta["task_vocab"] == list(TASKS) and meta["lora"]["num_tasks"] == len(TASKS)
     for task_id in range(len(TASKS)):
         np.testing.assert_array_equal(
@@ -168,7 +168,7 @@ def test_chatglm_exports_use_the_original_names(tmp_path):
     and the merged checkpoint has exactly the original checkpoint's tensors."""
     targets = "query_key_value|dense_4h_to_h"
     run = make_run(tmp_path / "run", FIXTURES / "v1", targets=targets)
-    adapter_set = export.load_adapter_set(tmp_path / "run")
+    adapter_set = load_adapter_set(tmp_path / "run")
     peft_dir = export.export_peft(adapter_set, "TaskB", tmp_path / "peft")
     hf_dir = export.export_hf(adapter_set, "TaskB", tmp_path / "hf")
     config = json.loads((peft_dir / "adapter_config.json").read_text())

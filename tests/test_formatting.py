@@ -12,7 +12,9 @@ import pytest
 
 from cgc_lora_jax.data.batching import make_batch
 from cgc_lora_jax.data.records import read_records
-from cgc_lora_jax.data.formatting import (IGNORE, PromptFormat, encode_split, layout_of, load_tokenizer,
+from cgc_lora_jax.loss import IGNORE
+from cgc_lora_jax.run import load_tokenizer
+from cgc_lora_jax.data.formatting import (PromptFormat, encode_split, layout_of,
                                      truncate)
 from cgc_lora_jax.data.task_vocab import TaskVocab
 

@@ -90,7 +90,7 @@ def test_eval_icl_prompts_the_base_model_and_writes_the_original_records(tmp_pat
     """`eval.py icl` end to end on the demo (2 test prompts per task, 2 shots)."""
     import json
 
-    import eval as eval_cli
+    from cgc_lora_jax.cli import eval as eval_cli
 
     out = tmp_path / "icl"
     assert eval_cli.main(["icl", "--config", "demo", "--shots", "2", "--out", str(out), "--seed", "5",

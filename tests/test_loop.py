@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cgc_lora_jax.training.checkpoint import BaseMismatchError
+from cgc_lora_jax.run import BaseMismatchError
 from cgc_lora_jax.config import load_config
 from cgc_lora_jax.training.loop import NonFiniteLossError, train
 

@@ -131,7 +131,7 @@ def test_search_puts_most_weight_on_the_source_that_made_the_data(single_run):
         by_hand[path] = (a, b)
     hand_params = merge_composed(base, by_hand, lora.scaling)
     hand_logits = plain.apply({"params": hand_params}, jnp.asarray(batch["input_ids"]), None, None)
-    from cgc_lora_jax.training.step import token_losses
+    from cgc_lora_jax.loss import token_losses
 
     nll, mask = token_losses(hand_logits, jnp.asarray(batch["labels"]))
     assert loss(weights) == pytest.approx(float(nll.sum() / mask.sum()), rel=1e-5)
@@ -141,7 +141,7 @@ def test_eval_lorahub_on_a_lora_single_run_writes_weights_predictions_and_scores
     """`eval.py lorahub` end to end on a 5-step LoRA Single demo run (4 test prompts per task)."""
     import json
 
-    import eval as eval_cli
+    from cgc_lora_jax.cli import eval as eval_cli
     from cgc_lora_jax.config import load_config
     from cgc_lora_jax.scoring import score_files
     from cgc_lora_jax.training.loop import train

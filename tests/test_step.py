@@ -9,7 +9,8 @@ import pytest
 
 from cgc_lora_jax.layers import CGCLoRAConfig, Dense, TaskRouting
 from cgc_lora_jax.params import split_params
-from cgc_lora_jax.training.step import IGNORE, TrainState, make_eval_step, make_optimizer, make_train_step, token_losses
+from cgc_lora_jax.loss import IGNORE, token_losses
+from cgc_lora_jax.training.step import TrainState, make_eval_step, make_optimizer, make_train_step
 
 V, D, NUM_TASKS = 32, 16, 3
 

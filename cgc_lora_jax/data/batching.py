@@ -44,7 +44,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from cgc_lora_jax.data.formatting import IGNORE, EncodedSplit
+from cgc_lora_jax.data.formatting import EncodedSplit
+from cgc_lora_jax.loss import IGNORE
 
 LAST_BATCH = ("drop", "pad")
 _STATE_KEYS = ("seed", "epoch", "step", "num_samples", "batch_size")
@@ -123,11 +124,14 @@ def make_batch(split: EncodedSplit, indices: np.ndarray, *, pad_multiple: int = 
 
 
 def prompt_batches(split: EncodedSplit, batch_size: int, *, pad_multiple: int = 64,
-                   max_length: int | None = None) -> Iterator[Batch]:
-    """Left-padded generation batches of every sample in order; the last is completed with
-    filler rows (sample_index -1)."""
-    plan = plan_epoch(split.lengths, batch_size, 0, 0, shuffle=False, last_batch="pad")
-    for indices in plan:
+                   max_length: int | None = None, rows=None) -> Iterator[Batch]:
+    """Left-padded generation batches of `rows` (default: every sample) in order; the last is
+    completed with filler rows (sample_index -1), so every batch has batch_size rows."""
+    rows = np.arange(len(split)) if rows is None else np.asarray(rows, np.int64)
+    for start in range(0, len(rows), batch_size):
+        indices = np.full(batch_size, -1, np.int64)
+        chunk = rows[start:start + batch_size]
+        indices[:len(chunk)] = chunk
         yield make_batch(split, indices, pad_multiple=pad_multiple, max_length=max_length,
                          padding_side="left")
 

@@ -20,7 +20,7 @@ max_source_len + max_target_len ids. Each truncated example is counted under "so
 
 Usage::
 
-    tok = load_tokenizer("chatglm", "checkpoints/chatglm-6b")
+    tok = run.load_tokenizer("chatglm", "checkpoints/chatglm-6b")
     train = encode_split(splits.datasets["train"], tok, family="chatglm", vocab=splits.vocab)
     train.input_ids[0], train.labels[0], train.task_ids[0], dict(train.truncated)
 """
@@ -28,19 +28,16 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from cgc_lora_jax.data.task_vocab import TaskVocab
+from cgc_lora_jax.loss import IGNORE
 
-IGNORE = -100  # label of positions without loss
 FAMILY_LAYOUTS = {"chatglm": "glm_v1", "chatglm2": "glm_v2", "chatglm3": "glm_v2",
                   "llama": "bos_eos", "qwen2": "bos_eos"}
-CHATGLM_VERSIONS = {"chatglm": "v1", "chatglm2": None, "chatglm3": "v3"}  # None: from the folder
 
 
 def layout_of(family: str) -> str:
@@ -48,26 +45,6 @@ def layout_of(family: str) -> str:
         raise ValueError(f"no prompt format for model family {family!r}; known: "
                          f"{sorted(FAMILY_LAYOUTS)}")
     return FAMILY_LAYOUTS[family]
-
-
-def load_tokenizer(family: str, path: str | os.PathLike):
-    """The tokenizer in local folder `path` for `family`: the demo tokenizer when the folder
-    holds demo_tokenizer.json, models/chatglm_tokenizer for ChatGLM, else transformers'
-    AutoTokenizer (offline)."""
-    from cgc_lora_jax.demo.tokenizer import DemoTokenizer
-
-    layout_of(family)
-    if DemoTokenizer.is_saved_in(path):
-        return DemoTokenizer.load(path)
-    if family in CHATGLM_VERSIONS:
-        from cgc_lora_jax.models.chatglm_tokenizer import load_tokenizer as load_chatglm_tokenizer
-
-        return load_chatglm_tokenizer(path, version=CHATGLM_VERSIONS[family])
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"tokenizer folder {path} does not exist")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The built-in demo dataset: three small generated tasks in PromptCBLUE format, and their scorer.
+"""The built-in demo dataset: three small generated tasks in PromptCBLUE format.
 
 The demo shows multi-task CGC-LoRA training end to end on a CPU, so each task is learnable by a
 tiny transformer in minutes (short Chinese inputs over a ~100-character alphabet) and each
@@ -16,33 +16,24 @@ keeps its targets so the demo can be scored. Generation is deterministic from th
 draws from `numpy.random.default_rng([seed, k])`, an input never repeats within a task (so dev
 and test inputs are unseen in training), and each split is shuffled across tasks.
 
-Scores (the interface of `cgc_lora_jax.scoring`'s benchmark modules: TASK_NAMES,
-canonical_task, score_task), each in [0, 1]:
-
-    ColourExtraction        set micro-F1 over colour names (`metrics.set_micro_f1`)
-    CategoryClassification  exact-match accuracy of the stripped label
-    DigitsToChinese         mean character Rouge-L F (`metrics.rouge_l_chinese`, one token per
-                            CJK character; identical texts score 0.999999995)
+The scorer of these tasks is `cgc_lora_jax.demo.scorer`.
 
 Usage::
 
     write_demo_dataset("workdir/data", seed=0)       # then read it with data_format="demo"
-    score_task("ColourExtraction", ["颜色：红色，蓝色"], ["颜色：红色"])   # 0.666...
 
-The demo's tokenizer is `cgc_lora_jax.demo_tokenizer.DemoTokenizer`.
+The demo's tokenizer is `cgc_lora_jax.demo.tokenizer.DemoTokenizer`.
 """
 
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from cgc_lora_jax.data.records import write_records
-from cgc_lora_jax.scoring import metrics
+from cgc_lora_jax.demo.scorer import NO_COLOUR, TASK_NAMES
 
 NAMES = ("小明", "小红", "小刚", "妈妈", "爸爸", "老师", "弟弟", "姐姐")
 COLOURS = ("红色", "蓝色", "绿色", "黄色", "白色", "黑色", "紫色")
@@ -56,16 +47,13 @@ CATEGORIES = {
 CATEGORY_VERBS = ("看见了", "画了", "想要", "喜欢", "说起了")
 TIMES = ("今天", "昨天", "早上", "")
 CHINESE_DIGITS = "零一二三四五六七八九"
-NO_COLOUR = "无"
 
-TASK_NAMES = ("ColourExtraction", "CategoryClassification", "DigitsToChinese")
 TASK_TYPES = {"ColourExtraction": "extraction", "CategoryClassification": "cls",
               "DigitsToChinese": "generation"}
 SPLIT_SIZES = {"train": 256, "dev": 32, "test": 32}  # default samples per task and split
 COLOUR_PROMPT = "找出句子里的颜色：{}\n答："
 CATEGORY_PROMPT = "{}\n这句话里的东西属于哪一类？\n选项：{}\n答："
 DIGITS_PROMPT = "把数字写成汉字：{}\n答："
-_ITEM_SEPARATOR = re.compile(r"[，,、；;]")
 
 
 def _colour_example(rng: np.random.Generator) -> tuple[str, str, list[str]]:
@@ -145,36 +133,3 @@ def demo_alphabet() -> str:
              *(item for items in CATEGORIES.values() for item in items), CHINESE_DIGITS,
              "0123456789", COLOUR_PROMPT, CATEGORY_PROMPT, DIGITS_PROMPT, "颜色：，和的", NO_COLOUR]
     return "".join(sorted(set("".join(texts)) - set("{}")))
-
-
-def parse_colours(text: str) -> frozenset:
-    """The colour names of an answer "颜色：红色，蓝色" (the part before a colon is ignored;
-    "无" and blanks give nothing)."""
-    answer = re.split(r"[：:]", text.strip(), maxsplit=1)[-1]
-    items = (item.strip() for item in _ITEM_SEPARATOR.split(answer))
-    return frozenset(item for item in items if item and item != NO_COLOUR)
-
-
-def canonical_task(name: str) -> str:
-    """The task name itself; KeyError for a name that is not a demo task."""
-    if name not in TASK_NAMES:
-        raise KeyError(name)
-    return name
-
-
-def score_task(task: str, gold_texts: Sequence[str], pred_texts: Sequence[str],
-               choices: Sequence | None = None) -> float:
-    """One demo task's score from raw gold and predicted targets (`choices` is unused)."""
-    task = canonical_task(task)
-    if len(gold_texts) != len(pred_texts):
-        raise ValueError(f"{len(gold_texts)} gold targets but {len(pred_texts)} predictions")
-    if not gold_texts:
-        return 0.0
-    if task == "ColourExtraction":
-        return metrics.set_micro_f1([parse_colours(t) for t in gold_texts],
-                                    [parse_colours(t) for t in pred_texts])
-    if task == "CategoryClassification":
-        hits = sum(gold.strip() == pred.strip() for gold, pred in zip(gold_texts, pred_texts))
-        return hits / len(gold_texts)
-    return metrics.mean_rouge_l_chinese(
-        (pred.strip(), gold.strip()) for pred, gold in zip(pred_texts, gold_texts))

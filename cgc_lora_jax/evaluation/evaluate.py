@@ -24,33 +24,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from cgc_lora_jax.run import BaseModel, load_base
-from cgc_lora_jax.data.batching import make_batch
-from cgc_lora_jax.export import attach_adapters
+from cgc_lora_jax.data.records import FORMATS, PROMPTCBLUE_FIELDS
+from cgc_lora_jax.evaluation.answers import GenerationSettings, generate_answers
+from cgc_lora_jax.evaluation.report import write_scores
 from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.merge import merge_task
-from cgc_lora_jax.evaluation.report import write_scores
+from cgc_lora_jax.run import ADAPTERS_DIR, BaseModel, attach_adapters, data_folder, encode, load_base, load_run_config, read_data
 from cgc_lora_jax.scoring import BENCHMARKS, score_records
-from cgc_lora_jax.training.loop import encode, read_data
-
-
-class RunError(ValueError):
-    """A run that cannot be evaluated as asked (another base, a layout the method cannot use)."""
-
-
-def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
-    path = Path(workdir) / "config.json"
-    if not Path(workdir).is_dir():
-        raise FileNotFoundError(f"{workdir} does not exist: pass the --workdir of a training run")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: {workdir} is not a training run's workdir")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 @dataclasses.dataclass
@@ -74,7 +58,7 @@ def load_run(workdir: str | Path, split: str | None = None, with_train: bool = F
     workdir = Path(workdir)
     cfg = load_run_config(workdir)
     split = split or cfg.eval.split
-    adapters_dir = workdir / "adapters"
+    adapters_dir = workdir / ADAPTERS_DIR
     if not (adapters_dir / "meta.json").is_file():
         raise FileNotFoundError(
             f"{adapters_dir} holds no trained adapters (meta.json): training writes them when it "
@@ -85,58 +69,21 @@ def load_run(workdir: str | Path, split: str | None = None, with_train: bool = F
     # The plain base, then the run's adapters on it (no throw-away adapter init); a base whose
     # fingerprint differs from training's is a BaseMismatchError naming both.
     run = attach_adapters(load_base(cfg.model, lora=None, workdir=workdir), workdir)
-    prompts = encode(cfg, records, run.base, vocab, for_prediction=True)
+    prompts = encode(cfg.data, records, run.base, vocab, for_prediction=True)
     return LoadedRun(workdir, cfg, vocab, split, records, prompts, run.base, run.lora, run.params,
                      splits.datasets["train"] if with_train else None)
 
 
-def _stop_ids(tokenizer) -> list[int]:
-    return sorted({i for i in (tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None)) if i is not None})
+def benchmark_of(data_cfg) -> str:
+    """The scorer of a data format: each format's name is its benchmark's (scoring.BENCHMARKS)."""
+    return data_cfg.format
 
 
-def decode_answer(tokenizer, ids) -> str:
-    ids = list(np.asarray(ids))
-    stops = set(_stop_ids(tokenizer))
-    cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
-    return tokenizer.decode(ids[:cut]).strip()
-
-
-def generate_answers(model, params, prompts, rows, cfg, tokenizer, with_task_ids: bool, bar=None) -> dict[int, str]:
-    """{row: answer text} for the prompts `rows` of an EncodedSplit, greedy, in fixed-size batches.
-
-    with_task_ids: give each row's task ID to the model (a model with adapters; fused serving);
-    a plain model (merged weights, or the base alone) takes none.
-    """
-    from cgc_lora_jax.models.generate import generate
-
-    batch_size = cfg.eval.batch_size
-    answers = {}
-    for start in range(0, len(rows), batch_size):
-        chunk = np.full(batch_size, -1, np.int64)
-        chunk[: len(rows[start : start + batch_size])] = rows[start : start + batch_size]
-        batch = make_batch(prompts, chunk, pad_multiple=cfg.data.pad_multiple, padding_side="left")
-        new_ids = generate(
-            model, params, jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask),
-            jnp.asarray(batch.task_ids) if with_task_ids else None, max_new_tokens=cfg.eval.max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=prompts.pad_id,
-        )
-        for index, ids in zip(chunk, jax.device_get(new_ids)):
-            if index >= 0:
-                answers[int(index)] = decode_answer(tokenizer, ids)
-        if bar is not None:
-            bar.update(int((chunk >= 0).sum()))
-    return answers
-
-
-def benchmark_of(cfg) -> str:
-    return "demo" if cfg.data.format == "demo" else cfg.data.format
-
-
-def split_file(cfg, workdir: str | Path, split: str) -> Path | None:
-    """The split's file when its records are in the submission format (PromptCBLUE, demo)."""
-    from cgc_lora_jax.training.loop import data_folder
-
-    return data_folder(cfg, Path(workdir)) / f"{split}.json" if cfg.data.format in ("promptcblue", "demo") else None
+def split_file(data_cfg, workdir: str | Path, split: str) -> Path | None:
+    """The split's file when its records are in the submission format (PromptCBLUE-shaped)."""
+    if FORMATS.get(data_cfg.format) is not PROMPTCBLUE_FIELDS:
+        return None
+    return data_folder(data_cfg, Path(workdir)) / f"{split}.json"
 
 
 def submission_records(records: list[dict], answers: dict[int, str], source: Path | None = None) -> list[dict]:
@@ -183,10 +130,11 @@ def evaluate_run(workdir: str | Path, split: str | None = None, fused: bool = Fa
     """Generate and score `split` (default: the run's eval.split) of a trained run; see above."""
     run = load_run(workdir, split)
     records, prompts, tokenizer = run.records, run.prompts, run.base.tokenizer
+    settings = GenerationSettings.from_config(run.cfg)
     bar = tqdm(total=len(records), desc=f"eval {run.split}" + (" fused" if fused else ""), unit="sample")
     if fused:
-        answers = generate_answers(run.base.model, run.params, prompts, np.arange(len(records)), run.cfg,
-                                   tokenizer, True, bar)
+        answers = generate_answers(run.base.model, run.params, prompts, np.arange(len(records)), settings,
+                                   tokenizer, with_task_ids=True, bar=bar)
     else:
         answers = {}
         plain = run.base.model.clone(lora=None)
@@ -196,8 +144,8 @@ def evaluate_run(workdir: str | Path, split: str | None = None, fused: bool = Fa
                 continue
             bar.set_postfix(task=task)
             merged = merge_task(run.params, task_id, run.lora)
-            answers.update(generate_answers(plain, merged, prompts, rows, run.cfg, tokenizer, False, bar))
+            answers.update(generate_answers(plain, merged, prompts, rows, settings, tokenizer, bar=bar))
     bar.close()
     out_dir = Path(out_dir) if out_dir is not None else run.workdir
-    return write_results(out_dir, run.split, records, answers, benchmark_of(run.cfg), out_dir.name,
-                         split_file(run.cfg, run.workdir, run.split))
+    return write_results(out_dir, run.split, records, answers, benchmark_of(run.cfg.data), out_dir.name,
+                         split_file(run.cfg.data, run.workdir, run.split))

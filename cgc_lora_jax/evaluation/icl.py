@@ -88,9 +88,9 @@ def run_icl(cfg, out_dir: str | Path, shots: int, seed: int | None = None, split
     original inputs, scores, table, chart) plus icl.json (settings and the examples used)."""
     from tqdm.auto import tqdm
 
-    from cgc_lora_jax.run import load_base
-    from cgc_lora_jax.evaluation.evaluate import benchmark_of, generate_answers, split_file, write_results
-    from cgc_lora_jax.training.loop import encode, read_data
+    from cgc_lora_jax.evaluation.answers import GenerationSettings, generate_answers
+    from cgc_lora_jax.evaluation.evaluate import benchmark_of, split_file, write_results
+    from cgc_lora_jax.run import encode, load_base, read_data
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,13 +104,14 @@ def run_icl(cfg, out_dir: str | Path, shots: int, seed: int | None = None, split
     if icl.dropped:
         print(f"dropped {icl.dropped} of {shots * len(queries)} examples to keep prompts within "
               f"data.max_source_len={cfg.data.max_source_len} tokens")
-    prompts = encode(cfg, icl.records, base, vocab, for_prediction=True)
+    prompts = encode(cfg.data, icl.records, base, vocab, for_prediction=True)
     bar = tqdm(total=len(queries), desc=f"icl {split} ({shots}-shot)", unit="sample")
-    answers = generate_answers(base.model, base.params, prompts, np.arange(len(queries)), cfg, base.tokenizer, False, bar)
+    answers = generate_answers(base.model, base.params, prompts, np.arange(len(queries)), GenerationSettings.from_config(cfg),
+                               base.tokenizer, bar=bar)
     bar.close()
     settings = {"shots": shots, "seed": seed, "split": split, "model": cfg.model.to_dict(),
                 "dropped_examples": icl.dropped, "first_prompt": icl.records[0]["input"] if queries else None}
     (out_dir / "icl.json").write_text(json.dumps({"settings": settings, "examples": dict(
         zip((str(q["sample_id"]) for q in queries), icl.examples))}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return write_results(out_dir, split, queries, answers, benchmark_of(cfg), out_dir.name,
-                         split_file(cfg, out_dir, split))
+    return write_results(out_dir, split, queries, answers, benchmark_of(cfg.data), out_dir.name,
+                         split_file(cfg.data, out_dir, split))

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from cgc_lora_jax.data.batching import make_batch
 from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.params import split_params
-from cgc_lora_jax.training.step import token_losses
+from cgc_lora_jax.loss import token_losses
 
 WEIGHT_BOUND = 1.5  # |w_i| <= 1.5, the original's bounds
 DEFAULT_ALPHA = 0.05  # the original's L1 coefficient
@@ -55,7 +55,7 @@ RESULTS_FILE = "lorahub.json"
 def source_loras(params: dict, cfg: CGCLoRAConfig) -> dict[str, tuple[jax.Array, jax.Array]]:
     """{layer path "a/b/query_key_value": (A [M, d_in, r], B [M, r, d_out])}: task i's own LoRA
     at index i, from the parameters of a LoRA Single run."""
-    from cgc_lora_jax.evaluation.evaluate import RunError
+    from cgc_lora_jax.run import RunError
 
     if cfg.num_common != 0 or cfg.specific_rank == 0:
         raise RunError(
@@ -180,7 +180,7 @@ def fit_task(run, sources: dict, task: str, shots: int, budget: int, alpha: floa
              include_target: bool) -> HubResult:
     """Learn the composition weights of `task` on a loaded LoRA Single run (evaluate.load_run),
     given all its `source_loras`."""
-    from cgc_lora_jax.training.loop import encode
+    from cgc_lora_jax.run import encode
 
     start = time.perf_counter()
     target = run.vocab.id(task)
@@ -188,7 +188,7 @@ def fit_task(run, sources: dict, task: str, shots: int, budget: int, alpha: floa
     if not keep:
         raise ValueError(f"no source LoRA left for {task!r}: the run has one task; keep the target")
     rows = few_shot_rows(run.train, task, shots, seed)
-    examples = encode(run.cfg, [run.train[i] for i in rows], run.base, run.vocab)
+    examples = encode(run.cfg.data, [run.train[i] for i in rows], run.base, run.vocab)
     batch = make_batch(examples, np.arange(len(rows)), pad_multiple=run.cfg.data.pad_multiple).arrays()
     loss = few_shot_loss_fn(run.base.model.clone(lora=None), split_params(run.params)[0],
                             select_sources(sources, keep), run.lora.scaling, batch)
@@ -205,7 +205,8 @@ def run_lorahub(workdir: str | Path, out_dir: str | Path | None = None, *, shots
     """LoRAHub on every task of a LoRA Single run: learn each task's weights, generate its
     prompts with the composed, merged model, and write OUT (default WORKDIR/lorahub) like an
     evaluated run: lorahub.json (weights per task), predictions, scores, table and chart."""
-    from cgc_lora_jax.evaluation.evaluate import benchmark_of, generate_answers, load_run, split_file, write_results
+    from cgc_lora_jax.evaluation.answers import GenerationSettings, generate_answers
+    from cgc_lora_jax.evaluation.evaluate import benchmark_of, load_run, split_file, write_results
 
     run = load_run(workdir, split, with_train=True)
     sources = source_loras(run.params, run.lora)
@@ -226,11 +227,12 @@ def run_lorahub(workdir: str | Path, out_dir: str | Path | None = None, *, shots
                   f"few-shot loss {result.few_shot_loss:.4f}")
         chosen = select_sources(sources, [run.vocab.id(s) for s in result.sources])
         merged = merge_composed(base, compose(chosen, result.weights), run.lora.scaling)
-        answers.update(generate_answers(plain, merged, run.prompts, rows, run.cfg, run.base.tokenizer, False, bar))
+        answers.update(generate_answers(plain, merged, run.prompts, rows, GenerationSettings.from_config(run.cfg),
+                                        run.base.tokenizer, bar=bar))
     bar.close()
     settings = {"workdir": str(run.workdir), "split": run.split, "shots": shots, "budget": budget, "alpha": alpha,
                 "seed": seed, "include_target": include_target}
     (out_dir / RESULTS_FILE).write_text(json.dumps({"settings": settings, "tasks": results}, indent=2,
                                                    ensure_ascii=False) + "\n", encoding="utf-8")
-    return write_results(out_dir, run.split, run.records, answers, benchmark_of(run.cfg), out_dir.name,
-                         split_file(run.cfg, run.workdir, run.split))
+    return write_results(out_dir, run.split, run.records, answers, benchmark_of(run.cfg.data), out_dir.name,
+                         split_file(run.cfg.data, run.workdir, run.split))

@@ -26,17 +26,14 @@ S(n, K) <= MAX_EXHAUSTIVE, which covers every K for n <= 10 tasks (S(10, 5) = 42
 that, by local search: from seeded random partitions, move one task to another cluster while the
 score rises, and keep the best of `restarts` runs (not guaranteed optimal).
 
-    python -m cgc_lora_jax.multitask.affinity --config promptcblue --k 3 --steps 20 [--config.x=y ...]
+    python -m cgc_lora_jax affinity --config promptcblue --k 3 --steps 20 [--config.x=y ...]
 
 prints the matrix, writes WORKDIR/affinity.json and affinity.png, and prints the clusters as the
-`--clusters` argument of `python -m cgc_lora_jax.multitask.clusters train`.
+`--clusters` argument of `python -m cgc_lora_jax clusters train`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -216,7 +213,7 @@ def task_batches(split, num_tasks: int, batch_per_task: int, seed: int, pad_mult
 def lm_loss(model) -> LossFn:
     """Token-mean cross-entropy of one task's batch, adapters trainable, base frozen, no dropout."""
     from cgc_lora_jax.params import join_params
-    from cgc_lora_jax.training.step import token_losses
+    from cgc_lora_jax.loss import token_losses
 
     def loss_fn(adapters, base, batch):
         logits = model.apply({"params": join_params(base, adapters)}, batch["input_ids"], None, batch["task_ids"])
@@ -241,14 +238,14 @@ def run_affinity(cfg, workdir: str | Path, steps: int, batch_per_task: int, look
     would start at learning rate 0), unless `lookahead_lr` is given."""
     from cgc_lora_jax.run import load_base
     from cgc_lora_jax.params import split_params
-    from cgc_lora_jax.training.loop import encode, lora_config, read_data
+    from cgc_lora_jax.run import encode, lora_config, read_data
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     splits, vocab = read_data(cfg, workdir, splits=("train",))
-    lora = lora_config(cfg, len(vocab.tasks))
+    lora = lora_config(cfg.lora, len(vocab.tasks))
     base = load_base(cfg.model, lora=lora, workdir=workdir, seed=cfg.train.seed)
-    train = encode(cfg, splits.datasets["train"], base, vocab)
+    train = encode(cfg.data, splits.datasets["train"], base, vocab)
     frozen, adapters = split_params(base.params)
     tx = optax.chain(*([optax.clip_by_global_norm(cfg.train.grad_clip)] if cfg.train.grad_clip > 0 else []),
                      optax.adamw(cfg.train.lr, weight_decay=cfg.train.weight_decay))
@@ -290,41 +287,3 @@ def save_heatmap(affinity: np.ndarray, tasks: list[str], path: str | Path) -> Pa
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="config name (configs/NAME.py)")
-    parser.add_argument("--k", type=int, required=True, help="number of clusters")
-    parser.add_argument("--steps", type=int, default=10, help="warm-up steps (affinity averaged over them)")
-    parser.add_argument("--batch-per-task", type=int, default=8, help="samples of each task per step")
-    parser.add_argument("--lookahead", default="adam", choices=("adam", "sgd"), help="the lookahead step's optimizer")
-    parser.add_argument("--lookahead-lr", type=float, default=None, help="its learning rate (default: train.lr)")
-    parser.add_argument("--workdir", default=None, help="output folder (default: runs/CONFIG-affinity)")
-    from cgc_lora_jax.multitask.clusters import format_clusters
-    from cgc_lora_jax.config import parse_args_with_config
-
-    args, cfg = parse_args_with_config(parser, argv)
-    workdir = Path(args.workdir or f"runs/{args.config}-affinity")
-    affinity, tasks = run_affinity(cfg, workdir, args.steps, args.batch_per_task, args.lookahead, args.lookahead_lr)
-    groups = best_partition(affinity, args.k)
-    clusters = {f"cluster{c}": [tasks[i] for i in group] for c, group in enumerate(groups)}
-    (workdir / "affinity.json").write_text(json.dumps(
-        {"tasks": tasks, "affinity": affinity.tolist(), "steps": args.steps, "lookahead": args.lookahead,
-         "k": args.k, "clusters": clusters},
-        indent=2, ensure_ascii=False) + "\n")
-    heatmap = save_heatmap(affinity, tasks, workdir / "affinity.png")
-    print(f"lookahead affinity Z(i -> j) over {args.steps} warm-up steps (row: step on task i; column: loss of task j)")
-    print(format_matrix(affinity, tasks))
-    print(f"heatmap: {heatmap}")
-    score = partition_score(affinity, labels_of(groups, len(tasks)))
-    snippet = format_clusters(clusters)
-    print(f"best grouping into {args.k} clusters (total within-cluster affinity {score:.4f}):")
-    print(f'  c.data.clusters = "{snippet}"')
-    print(f'  python -m cgc_lora_jax.multitask.clusters train --config {args.config} --clusters "{snippet}" '
-          f"--workdir runs/{args.config}-1n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

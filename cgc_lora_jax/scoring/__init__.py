@@ -33,9 +33,10 @@ from typing import Any
 
 from cgc_lora_jax.scoring import firefly, promptcblue
 
-# Each module provides TASK_NAMES and score_task(task, golds, predictions, choices). The demo's
-# module imports the data readers, which import this package: it is looked up lazily.
-BENCHMARKS = {"promptcblue": promptcblue, "firefly": firefly, "demo": "cgc_lora_jax.demo.dataset"}
+# Each module provides TASK_NAMES and score_task(task, golds, predictions, choices); a benchmark's
+# name is the data.format whose records it scores. The demo's scorer imports this package's
+# metrics, so it is looked up lazily.
+BENCHMARKS = {"promptcblue": promptcblue, "firefly": firefly, "demo": "cgc_lora_jax.demo.scorer"}
 
 
 class ScoringError(ValueError):

@@ -1,8 +1,7 @@
 """Orbax checkpoints of a training run: adapters, gate, optimizer state, step, data position.
 
-The frozen base is never copied: its path and a fingerprint (config.json and, per weight file,
-name, size and a hash of its first and last MiB) are recorded, and resuming against a different
-base is an error. Orbax writes each step into a temporary folder and renames it when complete,
+The frozen base is never copied: its path and fingerprint (`run.fingerprint_base`) are recorded,
+and resuming against a different base is a BaseMismatchError. Orbax writes each step into a temporary folder and renames it when complete,
 so a crash mid-save leaves the previous checkpoints intact; the last `keep` are kept.
 
     ckpt = RunCheckpoints(workdir, keep=3, base={"path": p, "fingerprint": fingerprint_base(p)})
@@ -12,36 +11,12 @@ so a crash mid-save leaves the previous checkpoints intact; the last `keep` are 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
-MIB = 1 << 20
-
-
-def fingerprint_base(path: str | Path) -> str:
-    """A cheap identity of a Hugging Face folder (no full read of a 12 GB checkpoint)."""
-    folder = Path(path)
-    digest = hashlib.sha256()
-    for file in sorted(folder.iterdir()):
-        if file.name == "config.json" or file.suffix in (".json", ".model"):
-            digest.update(file.name.encode() + file.read_bytes())
-        elif file.suffix in (".bin", ".safetensors"):
-            size = file.stat().st_size
-            digest.update(f"{file.name}:{size}".encode())
-            with open(file, "rb") as f:
-                digest.update(f.read(MIB))
-                f.seek(max(size - MIB, 0))
-                digest.update(f.read(MIB))
-    return digest.hexdigest()
-
-
-class BaseMismatchError(RuntimeError):
-    pass
-
+from cgc_lora_jax.run import BaseMismatchError
 
 class RunCheckpoints:
     def __init__(self, workdir: str | Path, keep: int, base: dict):
@@ -82,27 +57,6 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
-
-
-def save_adapters(directory: str | Path, adapters, meta: dict) -> Path:
-    """The trained adapters and gate as a standalone orbax checkpoint, plus meta as JSON."""
-    directory = Path(directory).resolve()
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory / "params", adapters, force=True)
-    tmp = directory / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    tmp.replace(directory / "meta.json")
-    return directory
-
-
-def load_adapters(directory: str | Path, abstract_adapters=None) -> tuple[object, dict]:
-    directory = Path(directory).resolve()
-    if not (directory / "meta.json").is_file():
-        raise FileNotFoundError(f"{directory}: no meta.json; not an adapters folder written by save_adapters")
-    meta = json.loads((directory / "meta.json").read_text())
-    with ocp.StandardCheckpointer() as checkpointer:
-        adapters = checkpointer.restore(directory / "params", abstract_adapters)
-    return adapters, meta
 
 
 def abstract_like(tree):

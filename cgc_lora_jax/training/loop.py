@@ -9,7 +9,7 @@ export). Started again on the same workdir, a run resumes from its latest checkp
 reproduces the uninterrupted run's losses exactly.
 
 Multi-host: launch the same command on every host with JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or under SLURM / a TPU pod, where JAX finds them);
+JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or under SLURM, which is detected);
 `jax.distributed.initialize()` is then called before anything touches a device.
 """
 
@@ -25,17 +25,14 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from cgc_lora_jax.run import load_base
-from cgc_lora_jax.training.checkpoint import RunCheckpoints, abstract_like, save_adapters
+from cgc_lora_jax.run import ADAPTERS_DIR, VOCAB_FILE, encode, load_base, lora_config, read_data, save_adapters
+from cgc_lora_jax.training.checkpoint import RunCheckpoints, abstract_like
 from cgc_lora_jax.config import to_json
-from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.params import count_parameters, split_params
 from cgc_lora_jax.training.run_log import RunLog
 from cgc_lora_jax.sharding import BATCH_SPEC, make_mesh
 from cgc_lora_jax.data.task_vocab import TaskVocab
 from cgc_lora_jax.training.step import TrainState, make_eval_step, make_optimizer, make_train_step
-
-VOCAB_FILE = "task_vocab.json"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -53,49 +50,6 @@ class RunData:
 def maybe_initialize_distributed() -> None:
     if "JAX_COORDINATOR_ADDRESS" in os.environ or "SLURM_JOB_ID" in os.environ:
         jax.distributed.initialize()
-
-
-def lora_config(cfg, num_tasks: int) -> CGCLoRAConfig:
-    return CGCLoRAConfig(num_tasks=num_tasks, **cfg.lora.to_dict())
-
-
-def data_folder(cfg, workdir: Path) -> Path:
-    if cfg.data.format != "demo":
-        return Path(cfg.data.path)
-    from cgc_lora_jax.demo.dataset import write_demo_dataset
-
-    folder = Path(cfg.data.path) if cfg.data.path else workdir / "data"
-    if not (folder / "train.json").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        write_demo_dataset(folder, seed=0)
-    return folder
-
-
-def read_data(cfg, workdir: Path, splits=("train", "dev"), prediction_splits=()) -> tuple:
-    """(Splits, vocab): the run's saved task vocabulary wins over the config's task list."""
-    from cgc_lora_jax.data.records import load_splits
-
-    vocab_file = workdir / VOCAB_FILE
-    vocab = TaskVocab.load(vocab_file) if vocab_file.is_file() else None
-    data_format = "promptcblue" if cfg.data.format == "demo" else cfg.data.format
-    caps = {"train": cfg.data.max_train_per_task or None, "dev": cfg.data.max_eval_per_task or None,
-            "test": cfg.data.max_eval_per_task or None}
-    extra = {}
-    if data_format == "jsonl":
-        extra = dict(input_field=cfg.data.input_field, target_field=cfg.data.target_field, task_field=cfg.data.task_field)
-    splits = load_splits(
-        data_folder(cfg, workdir), data_format=data_format, splits=splits, prediction_splits=prediction_splits,
-        tasks=tuple(cfg.data.tasks) or None, vocab=vocab, max_per_task=caps, seed=cfg.train.seed,
-        on_error=cfg.data.on_error, **extra,
-    )
-    return splits, splits.vocab
-
-
-def encode(cfg, split, base, vocab, for_prediction=False):
-    from cgc_lora_jax.data.formatting import encode_split
-
-    return encode_split(split, base.tokenizer, family=base.family, vocab=vocab, max_source_len=cfg.data.max_source_len,
-                        max_target_len=cfg.data.max_target_len, for_prediction=for_prediction)
 
 
 def _shard_batch(batch: dict, mesh) -> dict:
@@ -146,10 +100,10 @@ def train(cfg, workdir: str | Path) -> dict:
     mesh = make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor})
     splits, vocab = read_data(cfg, workdir)
     vocab.save(workdir / VOCAB_FILE)
-    lora = lora_config(cfg, len(vocab.tasks))
+    lora = lora_config(cfg.lora, len(vocab.tasks))
     base = load_base(cfg.model, lora=lora, mesh=mesh, workdir=workdir, seed=cfg.train.seed)
-    data = RunData(vocab, encode(cfg, splits.datasets["train"], base, vocab),
-                   encode(cfg, splits.datasets["dev"], base, vocab) if "dev" in splits.datasets else None,
+    data = RunData(vocab, encode(cfg.data, splits.datasets["train"], base, vocab),
+                   encode(cfg.data, splits.datasets["dev"], base, vocab) if "dev" in splits.datasets else None,
                    {k: v.as_dict() for k, v in splits.summaries.items()})
 
     base_params, adapters = split_params(base.params)
@@ -231,7 +185,7 @@ def train(cfg, workdir: str | Path) -> dict:
             if save_now:
                 ckpt.save(done, state, {**meta, "data": batches.state()})
         ckpt.wait()
-        save_adapters(workdir / "adapters", jax.device_get(state.adapters), {**meta, "base": base.info, "step": int(state.step)})
+        save_adapters(workdir / ADAPTERS_DIR, jax.device_get(state.adapters), {**meta, "base": base.info, "step": int(state.step)})
     finally:
         ckpt.wait()
         ckpt.close()

@@ -25,9 +25,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from cgc_lora_jax.loss import IGNORE, token_losses
 from cgc_lora_jax.params import join_params
-
-IGNORE = -100
 
 
 @struct.dataclass
@@ -55,15 +54,6 @@ def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Sched
     parts = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip > 0 else []
     parts.append(optax.adamw(schedule, weight_decay=train_cfg.weight_decay, mask=decay_mask))
     return optax.chain(*parts), schedule
-
-
-def token_losses(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-token cross-entropy [B, T-1] (0 where ignored) and the mask of counted tokens."""
-    targets = labels[:, 1:]
-    mask = targets != IGNORE
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(mask, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(mask, nll, 0.0), mask
 
 
 def _per_task(values_b: jax.Array, task_ids: jax.Array, num_tasks: int) -> jax.Array:

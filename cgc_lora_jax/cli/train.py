@@ -1,0 +1,37 @@
+"""Train CGC-LoRA adapters: `python train.py --config NAME [--config.a.b=value ...] [--workdir DIR]`
+(= `python -m cgc_lora_jax train ...`).
+
+Resumes from the latest checkpoint in the workdir by itself. See configs/ for the named configs
+and README.md for what each run writes.
+"""
+
+import argparse
+import sys
+
+from cgc_lora_jax.config import available_configs, parse_args_with_config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help=f"config name: {', '.join(available_configs())}")
+    parser.add_argument("--workdir", default=None, help="run folder (default: runs/CONFIG)")
+    parser.add_argument("--no-eval", action="store_true",
+                        help="skip the evaluation that follows training when the config's eval.after_training is set")
+    args, cfg = parse_args_with_config(parser, argv)
+    workdir = args.workdir or f"runs/{args.config}"
+
+    from cgc_lora_jax.data.records import DataError
+    from cgc_lora_jax.run import BaseMismatchError
+    from cgc_lora_jax.training.loop import NonFiniteLossError, train
+
+    try:
+        summary = train(cfg, workdir)
+    except (FileNotFoundError, DataError, BaseMismatchError, NonFiniteLossError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)  # the user's input, not a bug: no traceback
+        return 1
+    print(f"trained {summary['step']} steps; adapters in {workdir}/adapters")
+    if cfg.eval.after_training and not args.no_eval:
+        from cgc_lora_jax.evaluation.evaluate import evaluate_run
+
+        evaluate_run(workdir, split=cfg.eval.split)
+    return 0
