@@ -14,7 +14,8 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "chatglm"
+from conftest import CHATGLM_FIXTURES as FIXTURES, rel_err
+
 if not (FIXTURES / "v1" / "reference.npz").is_file():
     pytest.skip(f"{FIXTURES}/v1 is absent (the shared ChatGLM fixtures)", allow_module_level=True)
 
@@ -32,11 +33,6 @@ LORA = CGCLoRAConfig(
     targets="query_key_value|dense",
 )
 TASKS = np.array([0, 2, 1], np.int32)
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
 
 def causal_lm_loss(logits, labels):

@@ -20,7 +20,8 @@ from cgc_lora_jax.models import chatglm2
 from cgc_lora_jax.models.chatglm2 import ChatGLM2Config, ChatGLM2ForCausalLM
 from cgc_lora_jax.models.family import detect_family
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "chatglm"
+from conftest import CHATGLM_FIXTURES as FIXTURES, rel_err
+
 if not FIXTURES.is_dir():
     pytest.skip(f"{FIXTURES} is absent (shared ChatGLM fixtures)", allow_module_level=True)
 
@@ -29,11 +30,6 @@ VERSIONS = ("v2", "v3")
 LORA = CGCLoRAConfig(
     num_tasks=3, num_common=2, common_rank=2, specific_rank=2, targets="query_key_value|dense"
 )
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def read_checkpoint(version: str) -> dict[str, np.ndarray]:

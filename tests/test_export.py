@@ -28,6 +28,7 @@ from cgc_lora_jax.params import join_params
 from cgc_lora_jax.data.task_vocab import TaskVocab
 from cgc_lora_jax.models.family import FAMILIES
 from cgc_lora_jax.models.hf_io import load_pretrained, locate_tensors, open_weights
+from conftest import CHATGLM_FIXTURES as FIXTURES, rel_err
 
 peft = pytest.importorskip("peft")
 
@@ -37,12 +38,6 @@ TASKS = ("TaskA", "TaskB", "TaskC")
 SIZES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 VARIANTS = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "chatglm"
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def random_adapters(model, seed: int) -> dict:

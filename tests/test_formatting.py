@@ -17,8 +17,8 @@ from cgc_lora_jax.run import load_tokenizer
 from cgc_lora_jax.data.formatting import (PromptFormat, encode_split, layout_of,
                                      truncate)
 from cgc_lora_jax.data.task_vocab import TaskVocab
+from conftest import SHARED
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = SHARED / "fixtures" / "chatglm"
 PROMPTCBLUE = SHARED / "data" / "promptcblue"
 if not FIXTURES.is_dir():

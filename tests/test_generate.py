@@ -15,6 +15,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.models import generate as gen
 from cgc_lora_jax.models.llama import LlamaConfig, LlamaForCausalLM, key_map
+from conftest import CHATGLM_FIXTURES as CHATGLM
 
 VOCAB, PAD, NEW = 256, 0, 8
 
@@ -169,7 +170,6 @@ def test_mixed_task_batch_equals_single_task_batches():
     assert not np.array_equal(per_task[0], ours(ids, mask, eos_token_id=None))
 
 
-CHATGLM = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "chatglm"
 
 
 @pytest.mark.parametrize("version", ["v1", "v2", "v3"])

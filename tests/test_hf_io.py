@@ -28,8 +28,8 @@ from cgc_lora_jax.params import split_params
 from cgc_lora_jax.sharding import ADAPTER_RULES, make_mesh
 from cgc_lora_jax.models.family import ModelFamily
 from cgc_lora_jax.models.hf_io import load_pretrained, save_pretrained
+from conftest import CHATGLM_FIXTURES as FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "chatglm"
 HF_TOY = {"model_type": "toy", "vocab_size": 64, "hidden_size": 16, "num_layers": 2, "inner_size": 40,
           "torch_dtype": "float32"}  # fmt: skip
 

@@ -19,6 +19,7 @@ from cgc_lora_jax.layers import (
     gate_weights,
     uniform_weights,
 )
+from conftest import rel_err
 
 D_IN, D_OUT, BATCH, SEQ = 24, 20, 6, 5
 TASKS = np.array([0, 2, 1, 2, 0, 1], np.int32)  # a mixed-task batch
@@ -90,11 +91,6 @@ def numpy_reference(x, params, cfg: CGCLoRAConfig, task_ids):
         for w_i, cols in experts:
             out[b] += cfg.scaling * w_i * (x[b] @ lora["A"][:, cols]) @ lora["B"][cols]
     return out
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.max(np.abs(a - b)) / np.max(np.abs(b))
 
 
 @pytest.fixture

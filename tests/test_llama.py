@@ -17,6 +17,7 @@ from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.sharding import make_mesh, match_partition_rules, named_shardings
 from cgc_lora_jax.models.family import FAMILIES
 from cgc_lora_jax.models.llama import LLAMA, QWEN2, LlamaConfig, LlamaForCausalLM, key_map, rope_inv_freq
+from conftest import rel_err
 
 TOL = 1e-4  # max|ours - torch| / max|torch|, float32
 VOCAB = 256
@@ -78,11 +79,6 @@ def ours(variant: str, seed: int = 0, **module_kw):
 def jitted_apply(model):
     """One jit-compiled `apply` per module (modules are hashable), shared by the tests."""
     return jax.jit(model.apply)
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def left_padded_batch(seed: int = 1, lengths=(12, 7, 3)):

@@ -13,8 +13,8 @@ import pytest
 from cgc_lora_jax.data.records import (COLUMNS, DataError, load_splits, read_records, split_per_task,
                                write_records)
 from cgc_lora_jax.data.task_vocab import FIREFLY_PAPER_TASKS, PROMPTCBLUE_PAPER_TASKS, TaskVocab
+from conftest import PROMPTCBLUE_DATA as PROMPTCBLUE
 
-PROMPTCBLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "promptcblue"
 
 
 @pytest.fixture

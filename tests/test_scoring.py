@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from cgc_lora_jax.scoring import ScoringError, firefly, promptcblue, score_files, score_records
 from cgc_lora_jax.scoring.metrics import chinese_tokens, lcs_length
+from conftest import SHARED
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PROMPTCBLUE_DATA = SHARED / "data" / "promptcblue"
 needs_shared = pytest.mark.skipif(not (PROMPTCBLUE_DATA / "dev.json").exists(),
                                   reason=f"shared PromptCBLUE samples not found under {SHARED}")

@@ -7,8 +7,8 @@ import pytest
 
 from cgc_lora_jax.models.chatglm_tokenizer import (ChatGLM2Tokenizer, ChatGLM3Tokenizer, ChatGLMTokenizerV1,
                                       load_tokenizer)
+from conftest import CHATGLM_FIXTURES as FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "chatglm"
 if not FIXTURES.is_dir():
     pytest.skip(reason=f"../shared is absent (no {FIXTURES})", allow_module_level=True)
 
