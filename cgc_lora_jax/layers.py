@@ -29,7 +29,7 @@ Usage inside a Flax model (the base parameter paths stay those of `nn.Dense`; th
 the sibling subtree `.../<layer>/lora/{A, B}`)::
 
     cfg = CGCLoRAConfig(num_tasks=4, targets=r"query_key_value|dense")
-    routing = TaskRouting(cfg, name="task_gate")(task_ids)        # once per forward
+    routing = TaskRouting(cfg, name="task_gate")(task_ids, x.shape[0])   # once per forward
     y = Dense(3 * d, lora=cfg, name="query_key_value")(x, routing)
 """
 

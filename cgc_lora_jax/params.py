@@ -14,6 +14,7 @@ an optax mask: the base's updates are exactly zero and it keeps no optimizer sta
 
 from __future__ import annotations
 
+import jax
 import optax
 from flax import traverse_util
 
@@ -50,9 +51,7 @@ def trainable_mask(params: dict) -> dict:
 
 def freeze_base(tx: optax.GradientTransformation, params: dict) -> optax.GradientTransformation:
     """`tx` on the adapters, zero updates (and no state) for the base."""
-    labels = traverse_util.unflatten_dict(
-        {p: "adapter" if is_adapter_path(p) else "frozen" for p in traverse_util.flatten_dict(params)}
-    )
+    labels = jax.tree.map(lambda trainable: "adapter" if trainable else "frozen", trainable_mask(params))
     return optax.multi_transform({"adapter": tx, "frozen": optax.set_to_zero()}, labels)
 
 

@@ -6,7 +6,7 @@ does and its unit. Override any field with `--config.section.field=value`.
 
 import ml_collections
 
-PAPER_TASKS = ("CMeIE", "CHIP-CDN", "CHIP-CDEE", "CHIP-MDCFNPC", "CHIP-CTC", "KUAKE-QIC", "IMCS-V2-MRG", "MedDG")
+from cgc_lora_jax.scoring.promptcblue import PAPER_TASKS
 
 
 def get_config() -> ml_collections.ConfigDict:

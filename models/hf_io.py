@@ -12,11 +12,10 @@ the next is read, so host memory peaks at the loaded parameters plus about one t
 in checkpoints; they alone get a real init, and since every B starts at zero the loaded model
 computes exactly the base model's outputs.
 
-A family states a tied copy in one of two ways. Several HF names with one Flax path: the first
-fills the parameter, the others must equal it, and saving writes every name. Or the copy's name
-in `ignored_keys` (ChatGLM-6B's `lm_head.weight` today): it is neither read nor written, and the
-PyTorch loader ties it again (`tie_word_embeddings`, true by default). Saving never writes
-ignored tensors (rotary inv_freq buffers: the PyTorch models compute them at construction).
+A tied copy is several HF names with one Flax path (ChatGLM-6B's `lm_head.weight` and its word
+embeddings): the first fills the parameter, the others must equal it, and saving writes every
+name. Tensors matching the family's `ignored_keys` are neither read nor written (the rotary
+inv_freq buffers, which the PyTorch models compute at construction).
 
     model, params = load_pretrained("/ckpt/chatglm-6b", jnp.bfloat16, lora=CGCLoRAConfig(8))
     ...  # train the adapters, then fold one task in: merged = merge_task(params, 3, cfg)

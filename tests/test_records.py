@@ -12,7 +12,9 @@ import pytest
 
 from cgc_lora_jax.data.records import (COLUMNS, DataError, load_splits, read_records, split_per_task,
                                write_records)
-from cgc_lora_jax.data.task_vocab import FIREFLY_PAPER_TASKS, PROMPTCBLUE_PAPER_TASKS, TaskVocab
+from cgc_lora_jax.data.task_vocab import TaskVocab
+from cgc_lora_jax.scoring.firefly import PAPER_TASKS as FIREFLY_PAPER_TASKS
+from cgc_lora_jax.scoring.promptcblue import PAPER_TASKS as PROMPTCBLUE_PAPER_TASKS
 from conftest import PROMPTCBLUE_DATA as PROMPTCBLUE
 
 

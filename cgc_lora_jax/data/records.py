@@ -31,9 +31,9 @@ crc32(task)])` and kept in file order, so the choice depends only on the seed an
 Usage::
 
     splits = load_splits("data/promptcblue", data_format="promptcblue",
-                         tasks=PROMPTCBLUE_PAPER_TASKS, prediction_splits=("test",))
+                         tasks=promptcblue.PAPER_TASKS, prediction_splits=("test",))
     splits.datasets["train"]            # datasets.Dataset with the columns in COLUMNS
-    splits.vocab.save(run_dir / "tasks.json"); print(splits.summaries["train"].as_dict())
+    splits.vocab.save(run_dir / "task_vocab.json"); print(splits.summaries["train"].as_dict())
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ def load_splits(data_dir: str | os.PathLike, *, data_format: str = "promptcblue"
 def split_per_task(dataset: datasets.Dataset, sizes: Mapping[str, int],
                    seed: int = 0) -> dict[str, datasets.Dataset]:
     """Disjoint per-task samples of one dataset, e.g. the paper's Firefly splits
-    (FIREFLY_PAPER_SPLIT_SIZES: 1800 / 300 / 300 per task from firefly-train-1.1M).
+    (scoring.firefly.PAPER_SPLIT_SIZES: 1800 / 300 / 300 per task from firefly-train-1.1M).
 
     Each task's rows are permuted with `default_rng([seed, crc32(task)])`; the first sizes[first]
     go to the first split, the next ones to the second, ... A task with too few rows is an error.

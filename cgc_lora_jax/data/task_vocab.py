@@ -5,15 +5,15 @@ as JSON beside the run and loaded back instead of being rebuilt from whatever da
 
     {"tasks": ["CMeIE", "CHIP-CDN", ...]}          task_id = position in the list
 
-Order: a configured task subset keeps its configured order (`TaskVocab(PROMPTCBLUE_PAPER_TASKS)`
+Order: a configured task subset keeps its configured order (`TaskVocab(scoring.promptcblue.PAPER_TASKS)`
 gives CMeIE id 0, CHIP-CDN id 1, ...); without one, `TaskVocab.from_data` sorts the task names
 found in the training data (code-point order), so the same files always give the same IDs.
 
 Usage::
 
-    vocab = TaskVocab(PROMPTCBLUE_PAPER_TASKS)
-    vocab.save(run_dir / "tasks.json")
-    TaskVocab.load(run_dir / "tasks.json").id("CHIP-CDN")      # 1
+    vocab = TaskVocab(promptcblue.PAPER_TASKS)    # from cgc_lora_jax.scoring import promptcblue
+    vocab.save(run_dir / "task_vocab.json")                   # what a training run writes
+    TaskVocab.load(run_dir / "task_vocab.json").id("CHIP-CDN")      # 1
 """
 
 from __future__ import annotations
@@ -23,17 +23,6 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-
-from cgc_lora_jax.scoring import promptcblue
-
-# The 8 PromptCBLUE tasks of the MOELoRA and CGC-LoRA papers, in the papers' order.
-PROMPTCBLUE_PAPER_TASKS: tuple[str, ...] = promptcblue.PAPER_TASKS
-# The 8 Firefly (firefly-train-1.1M `kind`) tasks of the CGC-LoRA paper, in the paper's order.
-FIREFLY_PAPER_TASKS: tuple[str, ...] = (
-    "TextCorrection", "Summary", "KeywordRecognition", "TextMatching", "SentimentAnalyze", "MRC",
-    "NER", "NLI")
-# The paper's Firefly sample counts per task and split (drawn from firefly-train-1.1M).
-FIREFLY_PAPER_SPLIT_SIZES: dict[str, int] = {"train": 1800, "dev": 300, "test": 300}
 
 _FILE_KEY = "tasks"
 

@@ -42,6 +42,10 @@ ROUGE_TASKS = ("TextCorrection", "Summary")
 MICRO_F1_TASKS = ("KeywordRecognition", "MRC", "NER")
 MACRO_F1_TASKS = ("TextMatching", "NLI", "SentimentAnalyze")
 TASK_NAMES = ROUGE_TASKS + MICRO_F1_TASKS + MACRO_F1_TASKS
+# The 8 Firefly (firefly-train-1.1M `kind`) tasks of the CGC-LoRA paper, in the paper's order.
+PAPER_TASKS = ("TextCorrection", "Summary", "KeywordRecognition", "TextMatching", "SentimentAnalyze", "MRC",
+               "NER", "NLI")
+PAPER_SPLIT_SIZES = {"train": 1800, "dev": 300, "test": 300}  # the paper's samples per task and split
 NO_ANSWER = frozenset({"无", "没有", "不存在", "无实体", "没有实体", "不存在实体", "无关键词",
                        "没有关键词"})
 

@@ -10,7 +10,9 @@ task's samples (formulas in `metrics`):
     weighted-F1    CHIP-STS, KUAKE-IR, KUAKE-QTR, KUAKE-QQR    (sklearn "weighted avg")
     Rouge-L F      MedDG (per sample), IMCS-V2-MRG (per gold report section, pooled)
 
-The 8 MOELoRA/CGC-LoRA tasks follow shared/data/promptcblue/SCORING.md rule by rule. The
+The 8 MOELoRA/CGC-LoRA tasks follow the official scorer's rules (its post-processing and
+metrics, as summarised for the project in SCORING.md beside the PromptCBLUE samples, which are
+not part of this repository) rule by rule. The
 other 8 follow the public 16-task scorer (michael-wzhu/PromptCBLUE `src/for_eval/
 post_generate_process.py` and `src/for_evaluation/run_evaluation.py`): entity lines
 `{type}实体：a，b` for the NER tasks, `finding：label` lines with fallback label
