@@ -4,13 +4,13 @@ import argparse
 import json
 from pathlib import Path
 
-from cgc_lora_jax.multitask import affinity
+from cgc_lora_jax.multitask import affinity as affinity_module
 from cgc_lora_jax.multitask.affinity import (best_partition, format_matrix, labels_of, partition_score, run_affinity,
                                              save_heatmap)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=affinity.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=affinity_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="config name (configs/NAME.py)")
     parser.add_argument("--k", type=int, required=True, help="number of clusters")
     parser.add_argument("--steps", type=int, default=10, help="warm-up steps (affinity averaged over them)")

@@ -4,13 +4,13 @@ prompts with the trained clusters."""
 import argparse
 from pathlib import Path
 
-from cgc_lora_jax.multitask import clusters
+from cgc_lora_jax.multitask import clusters as clusters_module
 from cgc_lora_jax.multitask.clusters import parse_clusters, train_clusters
 from cgc_lora_jax.multitask.server import MultiTaskServer
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=clusters.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=clusters_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     train_cmd = commands.add_parser("train", help="train one CGC-LoRA module set per cluster")
     train_cmd.add_argument("--config", required=True, help="config name (configs/NAME.py)")
