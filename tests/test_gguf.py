@@ -1,0 +1,210 @@
+"""GGUF checkpoints (models/gguf.py) against transformers loading the same file.
+
+Each test writes a tiny Llama or Qwen2 GGUF with the `gguf` writer the way llama.cpp's converter
+does (q/k rows permuted for Llama, no output.weight when the head is tied), unquantised or
+block-quantised, then compares our logits and greedy ids with transformers'
+`AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)` (its own dequantisation).
+"""
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from models.generate import generate  # noqa: E402
+from models.gguf import find_gguf, read_gguf, unpermute_rows  # noqa: E402
+from models.hf_io import load_pretrained  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+TOL = 1e-5  # max|ours - transformers| / max|transformers|, float32
+SIZES = dict(hidden=64, ffn=128, layers=2, heads=4, kv_heads=2)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "Ġ i", "Ġi n"]
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+          " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def byte_vocab() -> list[str]:
+    """GPT-2's byte-level alphabet: every byte as one printable character."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b], extra = chr(256 + extra), extra + 1
+    return [chars[b] for b in range(256)]
+
+
+def tokenizer_tokens() -> tuple[list[str], list[int]]:
+    tokens = SPECIALS + byte_vocab() + [m.replace(" ", "") for m in MERGES]
+    types = [3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS))  # 3 = control, 1 = normal
+    return tokens, types
+
+
+def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """What llama.cpp's converter does to Llama q/k rows (rotate-half halves -> interleaved pairs)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path: Path, arch: str, qtype, seed: int = 0, tied: bool = True) -> dict:
+    """A random tiny model written as a GGUF; returns its HF-layout float32 weights (pre-quantisation)."""
+    rng = np.random.default_rng(seed)
+    tokens, types = tokenizer_tokens()
+    vocab, h, f = len(tokens), SIZES["hidden"], SIZES["ffn"]
+    heads, kv, d = SIZES["heads"], SIZES["kv_heads"], SIZES["hidden"] // SIZES["heads"]
+
+    def w(*shape, scale=0.08):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    weights = {"token_embd.weight": w(vocab, h, scale=0.5), "output_norm.weight": 1 + w(h, scale=0.1)}
+    if not tied:
+        weights["output.weight"] = w(vocab, h)
+    for i in range(SIZES["layers"]):
+        b = f"blk.{i}."
+        weights |= {b + "attn_norm.weight": 1 + w(h, scale=0.1), b + "ffn_norm.weight": 1 + w(h, scale=0.1),
+                    b + "attn_q.weight": w(heads * d, h), b + "attn_k.weight": w(kv * d, h),
+                    b + "attn_v.weight": w(kv * d, h), b + "attn_output.weight": w(h, heads * d),
+                    b + "ffn_gate.weight": w(f, h), b + "ffn_up.weight": w(f, h), b + "ffn_down.weight": w(h, f)}
+        if arch == "qwen2":
+            weights |= {b + "attn_q.bias": w(heads * d, scale=0.1), b + "attn_k.bias": w(kv * d, scale=0.1),
+                        b + "attn_v.bias": w(kv * d, scale=0.1)}
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(SIZES["layers"])
+    writer.add_context_length(256)
+    writer.add_embedding_length(h)
+    writer.add_feed_forward_length(f)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0 if arch == "llama" else 1e6)
+    if arch == "llama":
+        writer.add_rope_dimension_count(d)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default" if arch == "llama" else "qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(MERGES)
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHATML)
+    for name, value in weights.items():
+        stored = value
+        if arch == "llama" and ".attn_q." in name:
+            stored = llama_cpp_permute(value, heads)
+        elif arch == "llama" and ".attn_k." in name:
+            stored = llama_cpp_permute(value, kv)
+        if value.ndim == 2 and qtype not in (Q.F32, Q.F16):
+            writer.add_tensor(name, gguf.quants.quantize(stored, qtype), raw_dtype=qtype)
+        elif value.ndim == 2 and qtype == Q.F16:
+            writer.add_tensor(name, stored.astype(np.float16))
+        else:
+            writer.add_tensor(name, stored)  # norms and biases stay float32, as llama.cpp keeps them
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return weights
+
+
+def reference(folder: Path, name: str):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(folder), gguf_file=name, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+CASES = [("llama", Q.F32, True), ("llama", Q.Q8_0, True), ("llama", Q.Q4_1, False),
+         ("qwen2", Q.F16, False), ("qwen2", Q.Q4_0, True)]
+
+
+@pytest.mark.parametrize("arch,qtype,tied", CASES, ids=[f"{a}-{q.name}-{'tied' if t else 'head'}" for a, q, t in CASES])
+def test_logits_and_greedy_ids_match_transformers(tmp_path, arch, qtype, tied):
+    write_tiny_gguf(tmp_path / "tiny.gguf", arch, qtype, tied=tied)
+    model, params = load_pretrained(tmp_path, jnp.float32)  # the folder holding one .gguf
+    assert model.config.model_type == arch and model.config.tie_word_embeddings == tied
+    ref = reference(tmp_path, "tiny.gguf")
+    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, (2, 12)).astype(np.int32)
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
+    with torch.no_grad():
+        theirs = ref(torch.from_numpy(ids).long()).logits.numpy()
+    assert np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)) <= TOL
+
+    new = np.asarray(generate(model, params, ids, np.ones_like(ids), None, max_new_tokens=8,
+                              eos_token_id=-1, pad_token_id=0))
+    with torch.no_grad():
+        hf_new = ref.generate(torch.from_numpy(ids).long(), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:].numpy()
+    np.testing.assert_array_equal(new, hf_new)
+
+
+def test_unpermute_inverts_llama_cpp_and_dequantized_weights_land_in_place(tmp_path):
+    w = np.arange(48 * 5, dtype=np.float32).reshape(48, 5)
+    np.testing.assert_array_equal(unpermute_rows(llama_cpp_permute(w, 3), 3), w)
+    weights = write_tiny_gguf(tmp_path / "m.gguf", "llama", Q.F32)
+    _, params = load_pretrained(tmp_path / "m.gguf", jnp.float32)
+    layer = params["model"]["layers_1"]
+    np.testing.assert_array_equal(np.asarray(layer["self_attn"]["k_proj"]["kernel"]), weights["blk.1.attn_k.weight"].T)
+    np.testing.assert_array_equal(np.asarray(layer["mlp"]["down_proj"]["kernel"]), weights["blk.1.ffn_down.weight"].T)
+
+
+def test_bfloat16_load_is_the_float32_load_rounded(tmp_path):
+    write_tiny_gguf(tmp_path / "m.gguf", "qwen2", Q.Q8_0)
+    _, p32 = load_pretrained(tmp_path, jnp.float32)
+    _, p16 = load_pretrained(tmp_path, jnp.bfloat16)
+    k32 = p32["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    k16 = p16["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert k16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(k16), np.asarray(k32.astype(jnp.bfloat16)))
+
+
+def test_corrupted_header_is_a_named_error(tmp_path):
+    write_tiny_gguf(tmp_path / "m.gguf", "llama", Q.F32)
+    data = bytearray((tmp_path / "m.gguf").read_bytes())
+    data[:4] = b"XXXX"  # the magic
+    (tmp_path / "bad.gguf").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"bad\.gguf is not a valid GGUF file .*header"):
+        load_pretrained(tmp_path / "bad.gguf")
+    (tmp_path / "cut.gguf").write_bytes(bytes((tmp_path / "m.gguf").read_bytes()[:5000]))
+    with pytest.raises(ValueError, match=r"cut\.gguf is not a valid GGUF file"):
+        load_pretrained(tmp_path / "cut.gguf")
+
+
+def test_missing_tensor_and_unsupported_architecture_are_named(tmp_path):
+    (tmp_path / "a").mkdir()
+    weights = write_tiny_gguf(tmp_path / "a" / "m.gguf", "llama", Q.F32)
+    reader = gguf.GGUFReader(str(tmp_path / "a" / "m.gguf"))
+    for drop, arch, expected in [("blk.1.ffn_up.weight", "llama", r"missing tensor 'blk\.1\.ffn_up\.weight'"),
+                                 (None, "gpt2", r"general\.architecture='gpt2' is not supported")]:
+        file = tmp_path / f"{arch}.gguf"
+        writer = gguf.GGUFWriter(str(file), arch)
+        for key, field in reader.fields.items():
+            if key.startswith("llama."):
+                value = field.contents()
+                writer.add_key_value(key.replace("llama.", f"{arch}."), value, field.types[0])
+        for name, value in weights.items():
+            if name != drop:
+                writer.add_tensor(name, value)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with pytest.raises(ValueError, match=rf"{arch}\.gguf: {expected}"):
+            read_gguf(file)
+
+
+def test_find_gguf_prefers_an_hf_folder_and_refuses_ambiguity(tmp_path):
+    assert find_gguf(tmp_path) is None
+    (tmp_path / "a.gguf").write_bytes(b"")
+    assert find_gguf(tmp_path) == tmp_path / "a.gguf"
+    (tmp_path / "b.gguf").write_bytes(b"")
+    with pytest.raises(ValueError, match="holds 2 GGUF files"):
+        find_gguf(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    assert find_gguf(tmp_path) is None
