@@ -95,12 +95,13 @@ def load_base(model_cfg, *, lora: CGCLoRAConfig | None, mesh=None, workdir=None,
         return _load_builtin(model_cfg, lora, mesh, workdir, seed)
     from cgc_lora_jax.formatting import load_tokenizer
     from models.family import detect_family
+    from models.gguf import find_gguf
     from models.hf_io import load_pretrained, read_hf_config
 
     path = Path(model_cfg.path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model.path={str(path)!r} holds no config.json. {OBTAIN_CHATGLM}")
-    family = detect_family(read_hf_config(path), source=str(path / "config.json"))
+    if find_gguf(path) is None and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.path={str(path)!r} holds no config.json or .gguf file. {OBTAIN_CHATGLM}")
+    family = detect_family(read_hf_config(path), source=str(find_gguf(path) or path / "config.json"))
     model, params = load_pretrained(path, _dtype(model_cfg.dtype), lora=lora, remat=model_cfg.remat, mesh=mesh, seed=seed)
     tokenizer = load_tokenizer(family.name, path) if with_tokenizer else None
     return BaseModel(family.name, model, params, tokenizer, {"path": str(path.resolve()), "fingerprint": fingerprint_base(path)})

@@ -26,10 +26,10 @@ def fingerprint_base(path: str | Path) -> str:
     """A cheap identity of a Hugging Face folder (no full read of a 12 GB checkpoint)."""
     folder = Path(path)
     digest = hashlib.sha256()
-    for file in sorted(folder.iterdir()):
+    for file in sorted(folder.iterdir()) if folder.is_dir() else [folder]:  # or one .gguf file
         if file.name == "config.json" or file.suffix in (".json", ".model"):
             digest.update(file.name.encode() + file.read_bytes())
-        elif file.suffix in (".bin", ".safetensors"):
+        elif file.suffix in (".bin", ".safetensors", ".gguf"):
             size = file.stat().st_size
             digest.update(f"{file.name}:{size}".encode())
             with open(file, "rb") as f:

@@ -52,11 +52,18 @@ def layout_of(family: str) -> str:
 
 def load_tokenizer(family: str, path: str | os.PathLike):
     """The tokenizer in local folder `path` for `family`: the demo tokenizer when the folder
-    holds demo_tokenizer.json, models/chatglm_tokenizer for ChatGLM, else transformers'
-    AutoTokenizer (offline)."""
+    holds demo_tokenizer.json, models/chatglm_tokenizer for ChatGLM, the GGUF metadata's for a
+    .gguf file (or a folder holding one and no tokenizer.json), else transformers' AutoTokenizer
+    (offline)."""
     from cgc_lora_jax.demo_tokenizer import DemoTokenizer
+    from models.gguf import find_gguf
 
     layout_of(family)
+    gguf_file = find_gguf(path)
+    if gguf_file is not None and not (Path(path) / "tokenizer.json").is_file():
+        from models.gguf_tokenizer import gguf_tokenizer
+
+        return gguf_tokenizer(gguf_file)
     if DemoTokenizer.is_saved_in(path):
         return DemoTokenizer.load(path)
     if family in CHATGLM_VERSIONS:

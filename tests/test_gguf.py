@@ -24,7 +24,7 @@ Q = gguf.GGMLQuantizationType
 TOL = 1e-5  # max|ours - transformers| / max|transformers|, float32
 SIZES = dict(hidden=64, ffn=128, layers=2, heads=4, kv_heads=2)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "Ġ i", "Ġi n"]
+MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "Ġ i", "Ġi n", "2 0", "Ġ 2"]  # digit merges tell the regexes apart
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
           " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
           "{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -208,3 +208,59 @@ def test_find_gguf_prefers_an_hf_folder_and_refuses_ambiguity(tmp_path):
         find_gguf(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     assert find_gguf(tmp_path) is None
+
+
+TEXTS = ["the theater in a tin", "  In 2024, 3.14 ther'e\n\n they'll  ", "<|im_start|>user\nthe<|im_end|>\n",
+         "ünï 日本 🙂\tx", "trailing\n\n"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tokenizer_from_metadata_matches_transformers(tmp_path, arch):
+    from cgc_lora_jax.formatting import load_tokenizer
+
+    write_tiny_gguf(tmp_path / "m.gguf", arch, Q.F32)
+    ours = load_tokenizer(arch, tmp_path)  # the formatting path: built without torch
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    for text in TEXTS:
+        assert ours.encode(text) == ref.encode(text), text
+        assert ours.decode(ours.encode(text)) == text
+    assert ours.encode("<|im_end|>") == [2]  # control tokens stay whole
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (0, 2, 0)
+    messages = [{"role": "user", "content": "the tin"}, {"role": "assistant", "content": "in a theater"}]
+    assert ours.apply_chat_template(messages, tokenize=False) == ref.apply_chat_template(messages, tokenize=False)
+
+
+def test_tokenizer_errors_name_the_key(tmp_path):
+    from models.gguf_tokenizer import gguf_tokenizer
+
+    write_tiny_gguf(tmp_path / "m.gguf", "llama", Q.F32)
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    writer = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
+    for key, field in reader.fields.items():
+        if key.startswith(("llama.", "tokenizer.")) and key != "tokenizer.ggml.model":
+            writer.add_key_value(key, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
+    writer.add_tokenizer_model("llama")
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"spm\.gguf: tokenizer\.ggml\.model='llama'"):
+        gguf_tokenizer(tmp_path / "spm.gguf")
+
+
+def test_a_run_base_can_be_a_gguf_file(tmp_path):
+    import ml_collections
+
+    from cgc_lora_jax.base_model import load_base
+
+    write_tiny_gguf(tmp_path / "m.gguf", "qwen2", Q.Q8_0)
+    cfg = ml_collections.ConfigDict(dict(path=str(tmp_path / "m.gguf"), builtin="", dtype="float32", remat=False))
+    base = load_base(cfg, lora=None)
+    assert base.family == "qwen2" and base.tokenizer.eos_token_id == 2
+    before = base.info["fingerprint"]
+    data = bytearray((tmp_path / "m.gguf").read_bytes())
+    data[-1] ^= 1  # a changed last weight byte changes the fingerprint
+    (tmp_path / "m.gguf").write_bytes(bytes(data))
+    assert load_base(cfg, lora=None, with_tokenizer=False).info["fingerprint"] != before
