@@ -1,4 +1,5 @@
-"""The frozen base model of a run: a local Hugging Face folder, or a built-in tiny model.
+"""The frozen base model of a run: a local Hugging Face folder, a GGUF file (or a folder holding
+one), a named base `hub:NAME` fetched into the cache (cgc_lora_jax/hub.py), or a built-in tiny model.
 
     base = load_base(cfg.model, lora=lora_cfg, mesh=mesh, workdir=workdir)
     base.model, base.params, base.tokenizer, base.family, base.info  # info: path + fingerprint
@@ -94,11 +95,12 @@ def load_base(model_cfg, *, lora: CGCLoRAConfig | None, mesh=None, workdir=None,
     if model_cfg.builtin:
         return _load_builtin(model_cfg, lora, mesh, workdir, seed)
     from cgc_lora_jax.formatting import load_tokenizer
+    from cgc_lora_jax.hub import resolve_model_path
     from models.family import detect_family
     from models.gguf import find_gguf
     from models.hf_io import load_pretrained, read_hf_config
 
-    path = Path(model_cfg.path)
+    path = resolve_model_path(model_cfg.path)  # hub:NAME is fetched into the cache on first use
     if find_gguf(path) is None and not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.path={str(path)!r} holds no config.json or .gguf file. {OBTAIN_CHATGLM}")
     family = detect_family(read_hf_config(path), source=str(find_gguf(path) or path / "config.json"))
