@@ -95,7 +95,8 @@ def encode(cfg, split, base, vocab, for_prediction=False):
     from cgc_lora_jax.formatting import encode_split
 
     return encode_split(split, base.tokenizer, family=base.family, vocab=vocab, max_source_len=cfg.data.max_source_len,
-                        max_target_len=cfg.data.max_target_len, for_prediction=for_prediction)
+                        max_target_len=cfg.data.max_target_len, for_prediction=for_prediction,
+                        prompt_format=cfg.data.prompt_format)
 
 
 def _shard_batch(batch: dict, mesh) -> dict:

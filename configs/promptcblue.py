@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.input_field = "input"  # jsonl format: the prompt field
     c.data.target_field = "target"  # jsonl format: the answer field
     c.data.task_field = "task_dataset"  # jsonl format: the task name field
+    c.data.prompt_format = "auto"  # auto (chat template if the tokenizer has one) | chat | plain (family layout)
     c.data.pad_multiple = 64  # sequence lengths round up to a multiple of this (few jit shapes)
 
     c.train = ml_collections.ConfigDict()
