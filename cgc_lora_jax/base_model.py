@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from cgc_lora_jax.checkpoint import fingerprint_base
 from cgc_lora_jax.layers import CGCLoRAConfig
@@ -64,6 +65,7 @@ def _dtype(name: str):
 def _load_builtin(model_cfg, lora, mesh, workdir, seed) -> BaseModel:
     from cgc_lora_jax.demo_tokenizer import DemoTokenizer
     from models import chatglm
+    from models.family import check_lora_targets, with_default_targets
 
     if model_cfg.builtin != "tiny-chatglm":
         raise ValueError(f"model.builtin={model_cfg.builtin!r}: the only built-in base is 'tiny-chatglm'")
@@ -72,11 +74,13 @@ def _load_builtin(model_cfg, lora, mesh, workdir, seed) -> BaseModel:
         tokenizer.save(Path(workdir) / "tokenizer")
     hf = tiny_chatglm_config(tokenizer.vocab_size)
     dtype = _dtype(model_cfg.dtype)
+    lora = with_default_targets(chatglm.FAMILY, lora)
     model = chatglm.build(chatglm.ChatGLMConfig.from_hf(hf), dtype=dtype, param_dtype=dtype, lora=lora, remat=model_cfg.remat)
     ids = jnp.asarray([tokenizer.encode("你好")], jnp.int32)
     task_ids = None if lora is None else jnp.zeros((1,), jnp.int32)
     init = jax.jit(lambda key: model.init(key, ids, None, task_ids)["params"])
     params = init(jax.random.key(BUILTIN_SEED))
+    check_lora_targets(chatglm.FAMILY, lora, traverse_util.flatten_dict(params))
     if lora is not None:  # the base from BUILTIN_SEED, the adapters from the run's seed
         base, _ = split_params(params)
         params = join_params(base, split_params(init(jax.random.key(seed)))[1])

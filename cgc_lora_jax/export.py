@@ -41,6 +41,7 @@ from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.merge import merge_task, task_lora_factors
 from cgc_lora_jax.params import is_adapter_path, join_params, split_params
 from cgc_lora_jax.task_vocab import TaskVocab
+from models.family import FAMILIES, with_default_targets
 
 FORMATS = ("peft", "hf", "orbax")
 BUILTIN_PREFIX = "builtin:"  # base "path" of a built-in base (base_model.py), e.g. builtin:tiny-chatglm
@@ -115,6 +116,7 @@ def attach_adapters(base: BaseModel, folder: str | Path) -> AdapterSet:
             f"{adapters_dir} was trained on base {meta['base']['path']!r} (fingerprint "
             f"{meta['base']['fingerprint'][:12]}), but {base.info['path']!r} has fingerprint "
             f"{base.info['fingerprint'][:12]}")
+    lora = with_default_targets(FAMILIES[base.family], lora)  # a run's lora.targets may be ""
     model = base.model.clone(lora=lora)
     adapters, _ = load_adapters(adapters_dir, adapter_shapes(model))
     with_adapters = BaseModel(base.family, model, join_params(base.params, adapters), base.tokenizer, base.info)

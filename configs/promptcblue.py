@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.task_embed_dim = 64  # d_e: task embedding width of the gate
     c.lora.init_std = 0.02  # std of the Gaussian init of A
     c.lora.dropout = 0.1  # dropout rate on the adapter input
-    c.lora.targets = r"(query_key_value|dense|dense_h_to_4h|dense_4h_to_h)$"  # regex on layer paths
+    c.lora.targets = ""  # regex on layer paths; "": the family's default (ChatGLM: the paper's, Llama/Qwen2: all block linears)
 
     c.data = ml_collections.ConfigDict()
     c.data.format = "promptcblue"  # promptcblue | firefly | jsonl | demo

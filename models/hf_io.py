@@ -48,7 +48,7 @@ from safetensors import safe_open
 
 from cgc_lora_jax.params import is_adapter_path
 from cgc_lora_jax.sharding import match_partition_rules, named_shardings
-from models.family import ModelFamily, detect_family
+from models.family import ModelFamily, check_lora_targets, detect_family, with_default_targets
 from models.gguf import GGUFTensorReader, find_gguf, read_gguf
 
 FlatParams = dict[tuple[str, ...], Any]
@@ -158,8 +158,10 @@ def load_pretrained(
     hf_config = read_hf_config(folder)
     family = family or detect_family(hf_config, source=str(config_file))
     config = family_config(family, hf_config, str(config_file))
+    lora = with_default_targets(family, lora)
     model = family.build(config, dtype=dtype, param_dtype=dtype, lora=lora, remat=remat)
     abstract = abstract_params(model, with_adapters=lora is not None)
+    check_lora_targets(family, lora, abstract)
     key_map = family.key_map(config)
     targets = _targets(family, key_map, abstract)
     shardings = None
