@@ -123,7 +123,8 @@ def encode(data_cfg, records, base, vocab, for_prediction=False):
     from cgc_lora_jax.data.formatting import encode_split
 
     return encode_split(records, base.tokenizer, family=base.family, vocab=vocab, max_source_len=data_cfg.max_source_len,
-                        max_target_len=data_cfg.max_target_len, for_prediction=for_prediction)
+                        max_target_len=data_cfg.max_target_len, for_prediction=for_prediction,
+                        prompt_format=data_cfg.prompt_format)
 
 
 # --- the frozen base ------------------------------------------------------------------------
@@ -139,12 +140,13 @@ class BaseModel:
 
 
 def fingerprint_base(path: str | Path) -> str:
-    """A cheap identity of a Hugging Face folder (no full read of a 12 GB checkpoint)."""
+    """A cheap identity of a Hugging Face folder or a GGUF file (no full read of a 12 GB checkpoint)."""
+    folder = Path(path)
     digest = hashlib.sha256()
-    for file in sorted(Path(path).iterdir()):
+    for file in sorted(folder.iterdir()) if folder.is_dir() else [folder]:  # or one .gguf file
         if file.name == "config.json" or file.suffix in (".json", ".model"):
             digest.update(file.name.encode() + file.read_bytes())
-        elif file.suffix in (".bin", ".safetensors"):
+        elif file.suffix in (".bin", ".safetensors", ".gguf"):
             size = file.stat().st_size
             digest.update(f"{file.name}:{size}".encode())
             with open(file, "rb") as f:
@@ -173,14 +175,21 @@ def _dtype(name: str):
 
 def load_tokenizer(family: str, path: str | os.PathLike):
     """The tokenizer in local folder `path` for `family`: the demo tokenizer when the folder
-    holds demo_tokenizer.json, models/chatglm_tokenizer for ChatGLM, else transformers'
-    AutoTokenizer (offline)."""
+    holds demo_tokenizer.json, models/chatglm_tokenizer for ChatGLM, the GGUF metadata's for a
+    .gguf file (or a folder holding one and no tokenizer.json), else transformers' AutoTokenizer
+    (offline)."""
     from cgc_lora_jax.data.formatting import layout_of
     from cgc_lora_jax.demo.tokenizer import DemoTokenizer
     from cgc_lora_jax.models.chatglm_tokenizer import CHATGLM_VERSIONS
     from cgc_lora_jax.models.chatglm_tokenizer import load_tokenizer as load_chatglm_tokenizer
+    from cgc_lora_jax.models.gguf import find_gguf
 
     layout_of(family)
+    gguf_file = find_gguf(path)
+    if gguf_file is not None and not (Path(path) / "tokenizer.json").is_file():
+        from cgc_lora_jax.models.gguf_tokenizer import gguf_tokenizer
+
+        return gguf_tokenizer(gguf_file)
     if DemoTokenizer.is_saved_in(path):
         return DemoTokenizer.load(path)
     if family in CHATGLM_VERSIONS:
@@ -195,6 +204,7 @@ def load_tokenizer(family: str, path: str | os.PathLike):
 def _load_builtin(model_cfg, lora, mesh, workdir, seed) -> BaseModel:
     from cgc_lora_jax.demo.tokenizer import DemoTokenizer
     from cgc_lora_jax.models import chatglm
+    from cgc_lora_jax.models.family import check_lora_targets, with_default_targets
 
     if model_cfg.builtin != "tiny-chatglm":
         raise ValueError(f"model.builtin={model_cfg.builtin!r}: the only built-in base is 'tiny-chatglm'")
@@ -203,11 +213,13 @@ def _load_builtin(model_cfg, lora, mesh, workdir, seed) -> BaseModel:
         tokenizer.save(Path(workdir) / "tokenizer")
     hf = tiny_chatglm_config(tokenizer.vocab_size)
     dtype = _dtype(model_cfg.dtype)
+    lora = with_default_targets(chatglm.FAMILY, lora)
     model = chatglm.build(chatglm.ChatGLMConfig.from_hf(hf), dtype=dtype, param_dtype=dtype, lora=lora, remat=model_cfg.remat)
     ids = jnp.asarray([tokenizer.encode("你好")], jnp.int32)
     task_ids = None if lora is None else jnp.zeros((1,), jnp.int32)
     init = jax.jit(lambda key: model.init(key, ids, None, task_ids)["params"])
     params = init(jax.random.key(BUILTIN_SEED))
+    check_lora_targets(chatglm.FAMILY, lora, traverse_util.flatten_dict(params))
     if lora is not None:  # the base from BUILTIN_SEED, the adapters from the run's seed
         base, _ = split_params(params)
         params = join_params(base, split_params(init(jax.random.key(seed)))[1])
@@ -225,13 +237,15 @@ def load_base(model_cfg, *, lora: CGCLoRAConfig | None, mesh=None, workdir=None,
     """
     if model_cfg.builtin:
         return _load_builtin(model_cfg, lora, mesh, workdir, seed)
+    from cgc_lora_jax.hub import resolve_model_path
     from cgc_lora_jax.models.family import detect_family
+    from cgc_lora_jax.models.gguf import find_gguf
     from cgc_lora_jax.models.hf_io import load_pretrained, read_hf_config
 
-    path = Path(model_cfg.path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model.path={str(path)!r} holds no config.json. {OBTAIN_CHATGLM}")
-    family = detect_family(read_hf_config(path), source=str(path / "config.json"))
+    path = resolve_model_path(model_cfg.path)  # hub:NAME is fetched into the cache on first use
+    if find_gguf(path) is None and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.path={str(path)!r} holds no config.json or .gguf file. {OBTAIN_CHATGLM}")
+    family = detect_family(read_hf_config(path), source=str(find_gguf(path) or path / "config.json"))
     model, params = load_pretrained(path, _dtype(model_cfg.dtype), lora=lora, remat=model_cfg.remat, mesh=mesh, seed=seed)
     tokenizer = load_tokenizer(family.name, path) if with_tokenizer else None
     return BaseModel(family.name, model, params, tokenizer, {"path": str(path.resolve()), "fingerprint": fingerprint_base(path)})
@@ -325,6 +339,9 @@ def attach_adapters(base: BaseModel, folder: str | Path) -> AdapterSet:
             f"{adapters_dir} was trained on base {meta['base']['path']!r} (fingerprint "
             f"{meta['base']['fingerprint'][:12]}), but {base.info['path']!r} has fingerprint "
             f"{base.info['fingerprint'][:12]}")
+    from cgc_lora_jax.models.family import FAMILIES, with_default_targets
+
+    lora = with_default_targets(FAMILIES[base.family], lora)  # a run's lora.targets may be ""
     model = base.model.clone(lora=lora)
     adapters, _ = load_adapters(adapters_dir, adapter_shapes(model))
     with_adapters = BaseModel(base.family, model, join_params(base.params, adapters), base.tokenizer, base.info)

@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
-    c.model.path = "checkpoints/chatglm-6b"  # local Hugging Face folder of the frozen base model
+    c.model.path = "checkpoints/chatglm-6b"  # frozen base: HF folder, .gguf file, or hub:NAME (cgc_lora_jax/hub.py)
     c.model.builtin = ""  # "tiny-chatglm": a seeded random tiny ChatGLM-6B-architecture base (demo)
     c.model.dtype = "bfloat16"  # parameter and activation dtype: float32 | bfloat16
     c.model.remat = False  # recompute each block in the backward pass (saves activation memory)
@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.task_embed_dim = 64  # d_e: task embedding width of the gate
     c.lora.init_std = 0.02  # std of the Gaussian init of A
     c.lora.dropout = 0.1  # dropout rate on the adapter input
-    c.lora.targets = r"(query_key_value|dense|dense_h_to_4h|dense_4h_to_h)$"  # regex on layer paths
+    c.lora.targets = ""  # regex on layer paths; "": the family's default (ChatGLM: the paper's, Llama/Qwen2: all block linears)
 
     c.data = ml_collections.ConfigDict()
     c.data.format = "promptcblue"  # promptcblue | firefly | jsonl | demo: the reader and the scorer
@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.input_field = "input"  # jsonl format: the prompt field
     c.data.target_field = "target"  # jsonl format: the answer field
     c.data.task_field = "task_dataset"  # jsonl format: the task name field
+    c.data.prompt_format = "auto"  # auto (chat template if the tokenizer has one) | chat | plain (family layout)
     c.data.pad_multiple = 64  # sequence lengths round up to a multiple of this (few jit shapes)
 
     c.train = ml_collections.ConfigDict()

@@ -389,6 +389,9 @@ def is_chatglm_v1(hf: dict) -> bool:
     return hf.get("model_type") == "chatglm" and glm_fields and "multi_query_attention" not in hf
 
 
+# The paper's adapted layers: every dense layer of the blocks (attention qkv + output, both MLP layers).
+PAPER_LORA_TARGETS = r"(query_key_value|dense|dense_h_to_4h|dense_4h_to_h)$"
+
 PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"word_embeddings/embedding$", P("tensor", "fsdp")),  # vocab over tensor
     (r"(query_key_value|dense_h_to_4h)/kernel$", P("fsdp", "tensor")),  # column-parallel
@@ -410,5 +413,6 @@ FAMILY = register(
         # The model derives inv_freq itself.
         ignored_keys=r"^transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq$",
         partition_rules=PARTITION_RULES,
+        default_lora_targets=PAPER_LORA_TARGETS,
     )
 )

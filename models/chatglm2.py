@@ -452,6 +452,9 @@ def key_map(config: ChatGLM2Config) -> KeyMap:
 
 # Megatron layout: column-parallel qkv / dense_h_to_4h (output features over "tensor"), row-parallel
 # dense / dense_4h_to_h (input features over "tensor"); the other kernel axis over "fsdp".
+# The same layer names as ChatGLM-6B, so the paper's targets carry over.
+PAPER_LORA_TARGETS = r"(query_key_value|dense|dense_h_to_4h|dense_4h_to_h)$"
+
 PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"embedding/word_embeddings/embedding$", P("tensor", "fsdp")),
     (r"(query_key_value|dense_h_to_4h)/kernel$", P("fsdp", "tensor")),
@@ -481,5 +484,6 @@ FAMILY = register(
         key_map=key_map,
         ignored_keys=r"^transformer\.rotary_pos_emb\.inv_freq$",
         partition_rules=PARTITION_RULES,
+        default_lora_targets=PAPER_LORA_TARGETS,
     )
 )

@@ -28,6 +28,7 @@ a jit-compiled decode step never recompiles.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable
 
 from jax.sharding import PartitionSpec
@@ -46,6 +47,7 @@ class ModelFamily:
     key_map: Callable[[Any], KeyMap]  # every stored tensor the model uses
     ignored_keys: str  # regex of stored tensors the model derives itself (rotary inv_freq, ...)
     partition_rules: tuple[tuple[str, PartitionSpec], ...]  # (regex on "a/b/kernel", spec), catch-all last
+    default_lora_targets: str = ".*"  # regex on layer paths adapted when a config's lora.targets is ""
 
 
 FAMILIES: dict[str, ModelFamily] = {}
@@ -71,3 +73,25 @@ def detect_family(hf_config: dict, source: str = "config.json") -> ModelFamily:
             f"architectures={hf_config.get('architectures')!r}; known: {sorted(FAMILIES)}"
         )
     return found[0]
+
+
+def with_default_targets(family: ModelFamily, lora):
+    """`lora` (a CGCLoRAConfig or None) with targets "" replaced by the family's default."""
+    if lora is None or lora.targets:
+        return lora
+    return dataclasses.replace(lora, targets=family.default_lora_targets)
+
+
+def check_lora_targets(family: ModelFamily, lora, param_paths) -> None:
+    """An error when `lora.targets` adapts no layer, listing the layer paths it could match.
+
+    param_paths: the model's flat parameter paths (tuples), adapters included.
+    """
+    if lora is None or any("lora" in path[:-1] for path in param_paths):
+        return
+    layers = dict.fromkeys(re.sub(r"layers_\d+", "layers_N", "/".join(path[:-1]))
+                           for path in param_paths if path[-1] == "kernel")
+    raise ValueError(
+        f"lora.targets={lora.targets!r} matches no layer of the {family.name} model; it is searched in "
+        f"these layer paths (N = block index): {', '.join(layers)}; the family's default (lora.targets=\"\") "
+        f"is {family.default_lora_targets!r}")

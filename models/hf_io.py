@@ -47,7 +47,8 @@ from safetensors import safe_open
 
 from cgc_lora_jax.params import is_adapter_path
 from cgc_lora_jax.sharding import match_partition_rules, named_shardings
-from cgc_lora_jax.models.family import ModelFamily, detect_family
+from cgc_lora_jax.models.family import ModelFamily, check_lora_targets, detect_family, with_default_targets
+from cgc_lora_jax.models.gguf import GGUFTensorReader, find_gguf, read_gguf
 
 FlatParams = dict[tuple[str, ...], Any]
 
@@ -57,6 +58,8 @@ _HF_CONFIGS: dict[int, tuple[Any, dict]] = {}
 
 
 def read_hf_config(folder: str | os.PathLike) -> dict:
+    if (gguf_file := find_gguf(folder)) is not None:  # a .gguf file, or a folder holding one
+        return read_gguf(gguf_file).hf_config
     config_file = Path(folder) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} does not exist: a Hugging Face folder needs config.json")
@@ -142,19 +145,22 @@ def load_pretrained(
     mesh: jax.sharding.Mesh | None = None,
     seed: int = 0,
 ) -> tuple[Any, dict]:
-    """(model, params) from a local HF folder; model.apply({"params": params}, input_ids, ...).
+    """(model, params) from a local HF folder, a GGUF file or a folder holding one (models/gguf.py);
+    model.apply({"params": params}, input_ids, ...).
 
     dtype: parameter and compute dtype. lora: a CGCLoRAConfig to add (freshly initialised, B = 0)
     adapters. family: skip detection from config.json. mesh: place each parameter with the
     family's partition rules as it is read. seed: the adapters' init.
     """
     folder = Path(path)
-    config_file = folder / "config.json"
+    config_file = find_gguf(folder) or folder / "config.json"
     hf_config = read_hf_config(folder)
     family = family or detect_family(hf_config, source=str(config_file))
     config = family_config(family, hf_config, str(config_file))
+    lora = with_default_targets(family, lora)
     model = family.build(config, dtype=dtype, param_dtype=dtype, lora=lora, remat=remat)
     abstract = abstract_params(model, with_adapters=lora is not None)
+    check_lora_targets(family, lora, abstract)
     key_map = family.key_map(config)
     targets = _targets(family, key_map, abstract)
     shardings = None
@@ -318,6 +324,8 @@ _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 def locate_tensors(folder: Path) -> dict[str, Path]:
     """{HF tensor name: the weights file holding it}, from the index or the single file."""
+    if (gguf_file := find_gguf(folder)) is not None:
+        return {key: gguf_file for key in read_gguf(gguf_file).tensors}
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
     for name in WEIGHT_NAMES:
@@ -344,7 +352,10 @@ def locate_tensors(folder: Path) -> dict[str, Path]:
 @contextlib.contextmanager
 def open_weights(file: Path):
     """A reader with keys(), ordered(keys) (file order) and read(key) -> numpy array."""
-    reader = _SafetensorsReader(file) if file.name.endswith(".safetensors") else _TorchReader(file)
+    if file.suffix == ".gguf":
+        reader = GGUFTensorReader(file)
+    else:
+        reader = _SafetensorsReader(file) if file.name.endswith(".safetensors") else _TorchReader(file)
     try:
         yield reader
     finally:

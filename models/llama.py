@@ -431,7 +431,9 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r".*", P()),
 )
 
-IGNORED_KEYS = r"rotary_emb\.inv_freq$"  # older checkpoints store the derived RoPE buffer
+IGNORED_KEYS = r"rotary_emb\.inv_freq$"
+# Every linear layer of the blocks (levanter's default), not the vocabulary head.
+DEFAULT_LORA_TARGETS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"  # older checkpoints store the derived RoPE buffer
 
 
 def _family(model_type: str) -> ModelFamily:
@@ -445,6 +447,7 @@ def _family(model_type: str) -> ModelFamily:
             key_map=key_map,
             ignored_keys=IGNORED_KEYS,
             partition_rules=PARTITION_RULES,
+            default_lora_targets=DEFAULT_LORA_TARGETS,
         )
     )
 

@@ -6,6 +6,15 @@ P = prompt ids, Y = target ids (both encoded without special tokens), -100 = no 
     glm_v1   chatglm (+ demo)  P + [gMASK, <sop>] + Y + [<eop>]  -100 * (|P| + 1) + [<sop>] + Y + [<eop>]
     glm_v2   chatglm2/3        [gMASK, sop] + P + Y + [eos]      -100 * (2 + |P|) + Y + [eos]
     bos_eos  llama, qwen2      [bos] + P + Y + [eos]             -100 * (1 + |P|) + Y + [eos]
+    chat     any, with a chat  C_pre + P + C_post + Y + [end]    -100 * |C_pre + P + C_post| + Y + [end]
+             template
+
+chat is the default (`prompt_format="auto"`) for a tokenizer that carries a chat template (instruct
+bases: ChatML for SmolLM2 and Qwen2): C_pre + P + C_post is exactly
+`tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)`
+(C_pre / C_post are what the template puts around the user's message, system prompt included), and
+[end] is the token the template closes the assistant's turn with (<|im_end|>); the loss covers the
+answer and that end token only. "plain" keeps the family's layout; "chat" requires a template.
 
 glm_v1 is the MOELoRA / ChatGLM-6B p-tuning recipe: labels = -100 over the context (everything
 before <sop>), then the ids themselves, so the label at <sop> is <sop> and the loss includes
@@ -15,7 +24,8 @@ P + [gMASK, <sop>], [gMASK, sop] + P, [bos] + P.
 
 Truncation uses MOELoRA's budgets in every layout: P keeps its first max_source_len - 1 ids and Y
 its first max_target_len - 2 (defaults 1024 and 196), so a sequence never exceeds
-max_source_len + max_target_len ids. Each truncated example is counted under "source" and/or
+max_source_len + max_target_len ids
+(plus the template's own ids in the chat layout). Each truncated example is counted under "source" and/or
 "target" in `EncodedSplit.truncated`, for the training log.
 
 Usage::
@@ -38,6 +48,8 @@ from cgc_lora_jax.loss import IGNORE
 
 FAMILY_LAYOUTS = {"chatglm": "glm_v1", "chatglm2": "glm_v2", "chatglm3": "glm_v2",
                   "llama": "bos_eos", "qwen2": "bos_eos"}
+PROMPT_FORMATS = ("auto", "chat", "plain")  # data.prompt_format
+PROMPT_FORMATS = ("auto", "chat", "plain")  # data.prompt_format
 
 
 def layout_of(family: str) -> str:
@@ -57,9 +69,21 @@ class PromptFormat:
     gmask_id: int | None = None
     sop_id: int | None = None
     bos_id: int | None = None  # bos_eos only; None when the tokenizer has no bos
+    chat_prefix: tuple[int, ...] = ()  # chat only: template ids before the user's message
+    chat_suffix: tuple[int, ...] = ()  # chat only: template ids after it, up to the answer
 
     @classmethod
-    def for_tokenizer(cls, family: str, tokenizer) -> PromptFormat:
+    def for_tokenizer(cls, family: str, tokenizer, prompt_format: str = "auto") -> PromptFormat:
+        """The layout of `family` (prompt_format "plain"), or of the tokenizer's chat template
+        ("chat"; "auto": chat when the tokenizer has a template)."""
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"data.prompt_format={prompt_format!r}: expected one of {PROMPT_FORMATS}")
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if prompt_format == "chat" and not has_template:
+            raise ValueError(f"data.prompt_format='chat', but the {family} tokenizer has no chat template; "
+                             "use 'plain' or 'auto'")
+        if prompt_format != "plain" and has_template:
+            return cls._chat(tokenizer)
         layout = layout_of(family)
         if layout in ("glm_v1", "glm_v2"):
             return cls(layout, tokenizer.eos_token_id, tokenizer.pad_token_id,
@@ -69,6 +93,29 @@ class PromptFormat:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return cls(layout, tokenizer.eos_token_id, pad, bos_id=tokenizer.bos_token_id)
 
+    @classmethod
+    def _chat(cls, tokenizer) -> PromptFormat:
+        """Split the template around a probe message, and check that the split reproduces it."""
+        probe, answer = "\u2063probe\u2063", "\u2063answer\u2063"
+        user = [{"role": "user", "content": probe}]
+        text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        before, sep, after = text.partition(probe)
+        if not sep:
+            raise ValueError("the tokenizer's chat template does not show the user's message; use "
+                             "data.prompt_format=plain")
+        fmt = cls("chat", eos_id=-1, pad_id=-1, chat_prefix=tuple(_ids(tokenizer, before)),
+                  chat_suffix=tuple(_ids(tokenizer, after)))
+        prompt, target = _ids(tokenizer, probe), _ids(tokenizer, answer)
+        whole = _chat_ids(tokenizer, [*user, {"role": "assistant", "content": answer}], False)
+        start = fmt.prompt_ids(prompt) + target
+        if _chat_ids(tokenizer, user, True) != fmt.prompt_ids(prompt) or whole[: len(start)] != start \
+                or len(whole) == len(start):
+            raise ValueError("the tokenizer's chat template does not split into prompt + answer + end "
+                             "token; use data.prompt_format=plain")
+        end = whole[len(start)]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
+        return dataclasses.replace(fmt, eos_id=end, pad_id=pad)
+
     def _prefix(self) -> list[int]:
         if self.layout == "glm_v2":
             return [self.gmask_id, self.sop_id]
@@ -76,6 +123,8 @@ class PromptFormat:
 
     def prompt_ids(self, prompt: Sequence[int]) -> list[int]:
         """The generation prompt: the input ids that precede the target."""
+        if self.layout == "chat":
+            return [*self.chat_prefix, *prompt, *self.chat_suffix]
         suffix = [self.gmask_id, self.sop_id] if self.layout == "glm_v1" else []
         return self._prefix() + list(prompt) + suffix
 
@@ -88,6 +137,15 @@ class PromptFormat:
         else:
             answer = [*target, self.eos_id]
         return context + answer, [IGNORE] * len(context) + answer
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _chat_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return _ids(tokenizer, text)
 
 
 def truncate(prompt: Sequence[int], target: Sequence[int], max_source_len: int,
@@ -124,10 +182,10 @@ class EncodedSplit:
 
 def encode_split(dataset, tokenizer, *, family: str, vocab: TaskVocab,
                  max_source_len: int = 1024, max_target_len: int = 196,
-                 for_prediction: bool = False) -> EncodedSplit:
+                 for_prediction: bool = False, prompt_format: str = "auto") -> EncodedSplit:
     """Tokenise rows with `input`, `target`, `task_dataset`, `sample_id` (a `data` Dataset or
     a list of such dicts)."""
-    fmt = PromptFormat.for_tokenizer(family, tokenizer)
+    fmt = PromptFormat.for_tokenizer(family, tokenizer, prompt_format)
     input_ids, labels, task_ids, sample_ids, truncated = [], [], [], [], Counter()
     for row in dataset:
         prompt = tokenizer.encode(row["input"], add_special_tokens=False)
