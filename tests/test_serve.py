@@ -405,11 +405,9 @@ def tiny_llama():
     cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6)
     model = LlamaForCausalLM(cfg, lora=CGCLoRAConfig(num_tasks=3, num_common=2, common_rank=2, specific_rank=2))
-    params = model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32), None, jnp.zeros((1,), jnp.int32))["params"]
-    rng = np.random.default_rng(0)  # adapters off zero, so tasks differ
-    params = traverse_util.unflatten_dict({
-        p: (rng.standard_normal(v.shape).astype(np.float32) * 0.5 if ("lora" in p or "task_gate" in p) else v)
-        for p, v in traverse_util.flatten_dict(params).items()})
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 4), jnp.int32), None, jnp.zeros((1,), jnp.int32))
+    rng = np.random.default_rng(0)  # random weights, adapters included (so tasks differ); no init compile
+    params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32), shapes["params"])
     return model, params
 
 

@@ -168,8 +168,12 @@ class SlotGroup:
         self.slots, self.length, self.prefill_batch = slots, length, prefill_batch
         self.layout = cache_layout(model)
         self.adapted = getattr(model, "lora", None) is not None
-        self.cache = jax.jit(jax.vmap(lambda _: model.init_cache(1, length)))(jnp.arange(slots))
-        self.tokens = jnp.zeros((slots,), jnp.int32)  # each slot's last token: the next step's input
+        # Committed to one device from the start, as the programs' outputs are: an uncommitted
+        # first input would compile every program a second time at its first real call.
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        init = jax.jit(jax.vmap(lambda _: model.init_cache(1, length)), out_shardings=device)
+        self.cache = init(jnp.arange(slots))
+        self.tokens = jax.device_put(jnp.zeros((slots,), jnp.int32), device)  # each slot's last token
 
     @property
     def cache_bytes(self) -> int:
