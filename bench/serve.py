@@ -192,7 +192,8 @@ def main(argv=None) -> int:
 
     context = args.prompt_len + args.answer_len
     config = EngineConfig(slots=args.slots, context=context, prefill_batch=args.prefill_batch,
-                          min_bucket=args.prompt_len, max_queue=4 * args.clients * args.requests)
+                          min_bucket=args.prompt_len, max_prompt=args.prompt_len,
+                          max_queue=4 * args.clients * args.requests)  # one prefill bucket
     with tempfile.TemporaryDirectory() as tmp:
         server = build_server(args.model, Path(tmp) / "adapters")
     fused = Engine(server, config)

@@ -444,3 +444,55 @@ def test_slots_at_their_own_lengths_equal_generate_on_llama():
     join([3], [3], 16)
     step(new)
     assert got[1][:new] == want[1] and got[0][:new] == want[2] and got[3][:new] == want[3]
+
+
+def test_one_plus_n_folder_one_slot_group_per_cluster_over_one_base(run_dir, tmp_path):
+    """A 1+N folder of two clusters (the run, and a copy whose tasks are renamed): a slot group
+    per cluster plus the bare base's, every task routed to its cluster, the base arrays held once."""
+    import shutil
+
+    shutil.copytree(run_dir, tmp_path / "a", ignore=shutil.ignore_patterns("checkpoints", "data"))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    renamed = [f"B-{t}" for t in TASKS]
+    (tmp_path / "b" / "task_vocab.json").write_text(json.dumps({"tasks": renamed}))
+    meta = json.loads((tmp_path / "b" / "adapters" / "meta.json").read_text())
+    (tmp_path / "b" / "adapters" / "meta.json").write_text(json.dumps({**meta, "task_vocab": renamed}))
+    (tmp_path / "clusters.json").write_text(json.dumps({"clusters": {"a": list(TASKS), "b": renamed}}))
+    engine = Engine.from_workdir(tmp_path, EngineConfig(slots=2, context=32, prefill_batch=1))
+    assert list(engine.groups) == ["a", "b", BASE_MODEL_ID]
+    assert engine.routes == {**{t: ("a", i) for i, t in enumerate(TASKS)},
+                             **{t: ("b", i) for i, t in enumerate(renamed)}, BASE_MODEL_ID: (BASE_MODEL_ID, 0)}
+    base_leaves = jax.tree.leaves(engine.server.base.params)
+    for group in engine.groups.values():
+        frozen, _ = split_params(group.slots.params)
+        assert all(a is b for a, b in zip(jax.tree.leaves(frozen), base_leaves, strict=True))
+    assert "adapter set 'b': tasks B-CategoryClassification" in "\n".join(engine.memory_report())
+
+
+def test_readme_serving_example_runs(url, capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Serving: 1 + N over HTTP", 1)[1].split("\n## ", 1)[0]
+    (block,) = [b for b in section.split("```python\n")[1:]]
+    code = block.split("```", 1)[0].replace("http://127.0.0.1:8000", url)
+    exec(compile(code, "README.md:Serving", "exec"), {"__name__": "readme"})
+    out = capsys.readouterr().out
+    assert out.startswith(str([*TASKS, BASE_MODEL_ID]) + "\n")
+    answer = complete(url, model="DigitsToChinese", prompt="把数字写成汉字：305\n答：", max_tokens=16)
+    assert f"\n{answer['choices'][0]['text']}\n" in out
+
+
+def test_prefill_buckets_and_the_readme_command_flags():
+    from cgc_lora_jax.serve.__main__ import parse_args
+
+    assert EngineConfig(context=512).buckets() == (16, 32, 64, 128, 256, 512)
+    assert EngineConfig(context=512, max_prompt=100).buckets() == (16, 32, 64, 128)
+    assert EngineConfig(context=64, min_bucket=32).buckets() == (32, 64)
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = readme.split("## Serving: 1 + N over HTTP", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    argv = command.replace("\\\n", " ").replace("[", "").replace("]", "").split()[3:]
+    args = parse_args(argv)
+    assert (args.workdir, args.host, args.port, args.slots, args.context) == ("runs/demo", "127.0.0.1", 8000, 16, 512)

@@ -26,6 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="decode slots of the bare base (0: as many as --slots)")
     parser.add_argument("--context", type=int, default=defaults.context,
                         help="KV cache positions per slot: prompt + answer tokens at most")
+    parser.add_argument("--max-prompt", type=int, default=defaults.max_prompt,
+                        help="longest prompt in tokens (0: context - 1); prefill buckets cover up to it")
     parser.add_argument("--prefill-batch", type=int, default=defaults.prefill_batch,
                         help="prompts prefilled together")
     parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     config = EngineConfig(slots=args.slots, base_slots=args.base_slots, context=args.context,
-                          prefill_batch=args.prefill_batch, max_queue=args.max_queue)
+                          prefill_batch=args.prefill_batch, max_prompt=args.max_prompt, max_queue=args.max_queue)
     engine = Engine.from_workdir(args.workdir, config, base=args.base)
     engine.start()
     try:

@@ -53,15 +53,20 @@ class EngineConfig:
     base_slots: int = 0  # decode slots of the bare base's group (0: as many as `slots`)
     context: int = 512  # KV cache positions per slot: prompt + answer tokens at most
     prefill_batch: int = 4  # prompts prefilled together (rows of each prefill program)
-    min_bucket: int = 16  # shortest prefill bucket; buckets double up to cover `context` - 1
+    min_bucket: int = 16  # shortest prefill bucket; buckets double up to cover `longest_prompt`
+    max_prompt: int = 0  # longest prompt accepted, in tokens (0: context - 1); fewer buckets to compile
     max_queue: int = 256  # requests waiting for a slot, over all groups, before 429
+
+    @property
+    def longest_prompt(self) -> int:
+        return min(self.max_prompt or self.context - 1, self.context - 1)
 
     def buckets(self) -> tuple[int, ...]:
         """Prompt lengths the prefill programs take (prompts are left-padded up to one)."""
         sizes, size = [], self.min_bucket
         while True:
             sizes.append(size)
-            if size >= self.context - 1:
+            if size >= self.longest_prompt:
                 return tuple(sizes)
             size *= 2
 
@@ -189,6 +194,10 @@ class Engine:
         if n >= context:
             raise RequestError(f"the prompt has {n} tokens, but the context holds {context} tokens in all "
                                "(prompt and answer)", 400, "context_length_exceeded", "prompt")
+        if n > self.config.longest_prompt:
+            raise RequestError(f"the prompt has {n} tokens; this server takes prompts of at most "
+                               f"{self.config.longest_prompt} tokens (--max-prompt)", 400, "context_length_exceeded",
+                               "prompt")
         if n + params.max_tokens > context:
             raise RequestError(f"This model's maximum context length is {context} tokens. However, you requested "
                                f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the "
