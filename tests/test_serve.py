@@ -22,7 +22,7 @@ from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.params import split_params
 from cgc_lora_jax.serve.app import BackgroundServer, create_app
 from cgc_lora_jax.serve.engine import BASE_MODEL_ID, Engine, EngineConfig
-from cgc_lora_jax.serve.requests import Finished, Generation, SamplingParams, TextDelta
+from cgc_lora_jax.serve.generation import Finished, Generation, SamplingParams, TextDelta
 from cgc_lora_jax.serve.slots import Sampling, SlotGroup
 from cgc_lora_jax.trainer import train
 from models.generate import generate
@@ -496,3 +496,27 @@ def test_prefill_buckets_and_the_readme_command_flags():
     argv = command.replace("\\\n", " ").replace("[", "").replace("]", "").split()[3:]
     args = parse_args(argv)
     assert (args.workdir, args.host, args.port, args.slots, args.context) == ("runs/demo", "127.0.0.1", 8000, 16, 512)
+
+
+def test_chat_prompts_use_the_tokenizer_chat_template_when_it_has_one():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from cgc_lora_jax.serve.prompts import PromptBuilder
+
+    words = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "user", "assistant", "hi", "\n", "[UNK]"]
+    model = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    model.pre_tokenizer = pre_tokenizers.Split("\n", "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="[UNK]", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    templated = PromptBuilder("llama", tok)
+    assert templated.chat_mode == "the tokenizer's chat template"
+    # <|im_start|> user \n hi <|im_end|> \n <|im_start|> assistant \n: the template's tokens, no bos added
+    assert templated.chat([{"role": "user", "content": "hi"}]) == [3, 5, 8, 7, 4, 8, 3, 6, 8]
+    assert templated.completion("hi") == [0, 7]  # [bos] + P, as a training prompt
+    tok.chat_template = None
+    plain = PromptBuilder("llama", tok)
+    assert plain.chat_mode == "plain join of the message contents"
+    assert plain.chat([{"role": "system", "content": "hi"}, {"role": "user", "content": "hi"}]) == [0, 7, 8, 7]

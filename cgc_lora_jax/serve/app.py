@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException
 from cgc_lora_jax.serve.engine import BASE_MODEL_ID, Engine
 from cgc_lora_jax.serve.protocol import (ParsedRequest, chat_body, completion_body, error_body, error_type,
                                          parse_chat, parse_completion, usage)
-from cgc_lora_jax.serve.requests import Failed, Finished, Generation, RequestError, TextDelta
+from cgc_lora_jax.serve.generation import Failed, Finished, Generation, RequestError, TextDelta
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:

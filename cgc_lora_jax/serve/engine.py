@@ -40,7 +40,7 @@ from cgc_lora_jax.clusters import CLUSTERS_FILE, MultiTaskServer
 from cgc_lora_jax.export import read_adapter_meta
 from cgc_lora_jax.params import split_params
 from cgc_lora_jax.serve.prompts import PromptBuilder
-from cgc_lora_jax.serve.requests import Generation, QueueFull, RequestError, SamplingParams
+from cgc_lora_jax.serve.generation import Generation, QueueFull, RequestError, SamplingParams
 from cgc_lora_jax.serve.slots import Sampling, SlotGroup
 
 log = logging.getLogger("cgc_lora_jax.serve")

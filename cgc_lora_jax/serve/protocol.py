@@ -22,7 +22,7 @@ import dataclasses
 import math
 from typing import Any
 
-from cgc_lora_jax.serve.requests import Finished, RequestError, SamplingParams
+from cgc_lora_jax.serve.generation import Finished, RequestError, SamplingParams
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's max_tokens default for /v1/completions

@@ -31,8 +31,9 @@ where k is the index of the token in the answer: a seeded request's answer does 
 what else shares its batch.
 
     group = SlotGroup(model, params, slots=8, length=256, prefill_batch=4)
-    first = group.prefill(prompts_ids, task_ids, slot_ids, sampling)          # [P]
-    tokens = group.step(task_ids, sampling, counts)                           # [S]
+    first = group.prefill([ids_a, ids_b], 32, task_ids=[0, 2], slot_ids=[5, 1],
+                          sampling=Sampling.greedy(4), pad_id=0)              # first tokens [2]
+    tokens = group.step(task_ids_s, Sampling.greedy(8), counts_s)             # next tokens [S]
 """
 
 from __future__ import annotations
