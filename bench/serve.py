@@ -16,13 +16,17 @@ answer of `--answer-len` tokens (ignore_eos), greedy, the task drawn at random p
               waiting request's task is served alone, its experts merged into the base weights,
               its waiting requests generated as one static batch (models.generate, at most
               --one-task-batch rows = the paper config's eval.batch_size, padded to a power of
-              two >= 4 so few programs compile), then the next task
+              two >= 8 so few programs compile), then the next task
+
+Before the HTTP rounds, the decode step alone: one step of all slots with mixed tasks vs one of
+the bare base (interleaved, medians), the adapters' cost without HTTP, prefill or scheduling.
 
 Variants run in interleaved rounds (shared machine: the ratios are what to read); a variant's
 figures are medians over rounds. tokens/s = answer tokens of all requests / wall time of the
 load; latency = a request's wall time from send to its full answer. Prints a table, then one
 JSON line: mixed_over_base, mixed_over_one_task (throughput ratios; targets >= 0.85 and >= 2),
-tokens/s and p50/p99 latency (s) of each variant.
+step_mixed_over_base (decode steps per second, mixed over base), tokens/s and p50/p99 latency (s)
+of each variant.
 
     python bench/serve.py [--model smollm2|tiny] [--rounds 2] [--clients 64] [--requests 2]
 """
@@ -45,6 +49,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench._common import interleaved_medians  # noqa: E402
 from cgc_lora_jax.base_model import BaseModel  # noqa: E402
 from cgc_lora_jax.checkpoint import save_adapters  # noqa: E402
 from cgc_lora_jax.clusters import MultiTaskServer  # noqa: E402
@@ -102,7 +107,7 @@ def build_server(model_name: str, folder: Path) -> MultiTaskServer:
 class OneTaskEngine(Engine):
     """Today's pattern behind the same HTTP app: one task at a time, merged weights, static batches."""
 
-    MIN_BATCH = 4
+    MIN_BATCH = 8
 
     def __init__(self, server, config, prompt_len: int, answer_len: int, max_batch: int):
         # The slot groups the parent builds go unused: keep them small.
@@ -203,6 +208,11 @@ def main(argv=None) -> int:
     for name, engine in (("fused engine", fused), ("one-task engine", one_task)):
         print(f"{name}: compiled in {engine.warm_up():.1f} s", flush=True)
         engine.start(warm_up=False)
+    run, bare = fused.groups["run"], fused.groups[BASE_MODEL_ID]
+    run.task_ids[:] = np.arange(args.slots) % len(TASKS)  # every step mixes the 8 tasks
+    steps = interleaved_medians({"mixed": lambda: run.slots.step(run.task_ids, run.sampling, run.counts),
+                                 "base": lambda: bare.slots.step(bare.task_ids, bare.sampling, bare.counts)}, rounds=7)
+    print(f"decode step, {args.slots} slots: mixed {steps['mixed']:.3f} s, base {steps['base']:.3f} s", flush=True)
     prompt = np.random.default_rng(1).integers(1, SHAPES[args.model]["vocab_size"], args.prompt_len).tolist()
     variants = {"mixed": (fused, list(TASKS)), "base": (fused, [BASE_MODEL_ID]), "one_task": (one_task, list(TASKS))}
     results = {name: [] for name in variants}
@@ -226,7 +236,8 @@ def main(argv=None) -> int:
     for name, (rate, p50, p99) in figures.items():
         print(f"| {name} | {rate:.1f} | {p50:.2f} | {p99:.2f} |")
     summary = {"model": args.model, "mixed_over_base": figures["mixed"][0] / figures["base"][0],
-               "mixed_over_one_task": figures["mixed"][0] / figures["one_task"][0]}
+               "mixed_over_one_task": figures["mixed"][0] / figures["one_task"][0],
+               "step_mixed_over_base": steps["base"] / steps["mixed"]}
     for name, (rate, p50, p99) in figures.items():
         summary.update({f"{name}_tokens_per_s": rate, f"{name}_p50_s": p50, f"{name}_p99_s": p99})
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}))
