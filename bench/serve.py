@@ -16,7 +16,7 @@ answer of `--answer-len` tokens (ignore_eos), greedy, the task drawn at random p
               waiting request's task is served alone, its experts merged into the base weights,
               its waiting requests generated as one static batch (models.generate, at most
               --one-task-batch rows = the paper config's eval.batch_size, padded to a power of
-              two >= 8 so few programs compile), then the next task
+              two >= 4 so few programs compile), then the next task
 
 Before the HTTP rounds, the decode step alone: one step of all slots with mixed tasks vs one of
 the bare base (interleaved, medians), the adapters' cost without HTTP, prefill or scheduling.
@@ -107,7 +107,7 @@ def build_server(model_name: str, folder: Path) -> MultiTaskServer:
 class OneTaskEngine(Engine):
     """Today's pattern behind the same HTTP app: one task at a time, merged weights, static batches."""
 
-    MIN_BATCH = 8
+    MIN_BATCH = 4
 
     def __init__(self, server, config, prompt_len: int, answer_len: int, max_batch: int):
         # The slot groups the parent builds go unused: keep them small.
