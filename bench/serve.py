@@ -50,16 +50,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench._common import interleaved_medians  # noqa: E402
-from cgc_lora_jax.base_model import BaseModel  # noqa: E402
-from cgc_lora_jax.checkpoint import save_adapters  # noqa: E402
-from cgc_lora_jax.clusters import MultiTaskServer  # noqa: E402
 from cgc_lora_jax.layers import CGCLoRAConfig  # noqa: E402
 from cgc_lora_jax.merge import merge_task  # noqa: E402
+from cgc_lora_jax.models.generate import generate  # noqa: E402
+from cgc_lora_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from cgc_lora_jax.multitask.server import MultiTaskServer  # noqa: E402
 from cgc_lora_jax.params import split_params  # noqa: E402
+from cgc_lora_jax.run import BaseModel, save_adapters  # noqa: E402
 from cgc_lora_jax.serve.app import BackgroundServer, create_app  # noqa: E402
 from cgc_lora_jax.serve.engine import BASE_MODEL_ID, Engine, EngineConfig  # noqa: E402
-from models.generate import generate  # noqa: E402
-from models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 SHAPES = {
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

@@ -15,17 +15,17 @@ import openai
 import pytest
 from flax import traverse_util
 
-import eval as eval_cli
-from cgc_lora_jax.checkpoint import load_adapters, save_adapters
+from cgc_lora_jax.cli import eval as eval_cli
 from cgc_lora_jax.config import load_config
 from cgc_lora_jax.layers import CGCLoRAConfig
+from cgc_lora_jax.models.generate import generate
 from cgc_lora_jax.params import split_params
+from cgc_lora_jax.run import load_adapters, save_adapters
 from cgc_lora_jax.serve.app import BackgroundServer, create_app
 from cgc_lora_jax.serve.engine import BASE_MODEL_ID, Engine, EngineConfig
 from cgc_lora_jax.serve.generation import Finished, Generation, SamplingParams, TextDelta
 from cgc_lora_jax.serve.slots import Sampling, SlotGroup
-from cgc_lora_jax.trainer import train
-from models.generate import generate
+from cgc_lora_jax.training.loop import train
 
 TASKS = ("CategoryClassification", "ColourExtraction", "DigitsToChinese")
 NEW = 8  # the run's eval.max_new_tokens
@@ -400,7 +400,7 @@ def test_text_deltas_hold_back_what_may_start_a_stop_string():
 
 
 def tiny_llama():
-    from models.llama import LlamaConfig, LlamaForCausalLM
+    from cgc_lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6)

@@ -36,9 +36,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from cgc_lora_jax.clusters import CLUSTERS_FILE, MultiTaskServer
-from cgc_lora_jax.export import read_adapter_meta
+from cgc_lora_jax.multitask.clusters import CLUSTERS_FILE
+from cgc_lora_jax.multitask.server import MultiTaskServer
 from cgc_lora_jax.params import split_params
+from cgc_lora_jax.run import read_adapter_meta
 from cgc_lora_jax.serve.prompts import PromptBuilder
 from cgc_lora_jax.serve.generation import Generation, QueueFull, RequestError, SamplingParams
 from cgc_lora_jax.serve.slots import Sampling, SlotGroup

@@ -1,6 +1,6 @@
 """Request text -> prompt ids, the way the adapters saw prompts in training.
 
-    completion  a text prompt is formatted like a training prompt (formatting.PromptFormat: the
+    completion  a text prompt is formatted like a training prompt (data.formatting.PromptFormat: the
                 family's special tokens around the text's ids: P + [gMASK, <sop>] for ChatGLM-6B,
                 [gMASK, sop] + P for ChatGLM2/3, [bos] + P for Llama / Qwen2), exactly what
                 eval.py generates from; a list of token ids is taken as it is (already formatted)
@@ -17,8 +17,8 @@
 
 from __future__ import annotations
 
-from cgc_lora_jax.evaluate import _stop_ids
-from cgc_lora_jax.formatting import PromptFormat
+from cgc_lora_jax.data.formatting import PromptFormat
+from cgc_lora_jax.evaluation.answers import stop_ids
 
 
 class PromptBuilder:
@@ -29,7 +29,7 @@ class PromptBuilder:
         self.format = PromptFormat.for_tokenizer(family, tokenizer)
         self.chat_template = getattr(tokenizer, "chat_template", None) or None
         # eos and pad end an answer, as in eval's decode_answer.
-        self.stop_ids = tuple(_stop_ids(tokenizer))
+        self.stop_ids = tuple(stop_ids(tokenizer))
 
     @property
     def chat_mode(self) -> str:

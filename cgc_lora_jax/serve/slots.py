@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.generate import filter_logits
+from cgc_lora_jax.models.generate import filter_logits
 
 Array = jax.Array
 
