@@ -515,7 +515,9 @@ def test_chat_prompts_use_the_tokenizer_chat_template_when_it_has_one():
     assert templated.chat_mode == "the tokenizer's chat template"
     # <|im_start|> user \n hi <|im_end|> \n <|im_start|> assistant \n: the template's tokens, no bos added
     assert templated.chat([{"role": "user", "content": "hi"}]) == [3, 5, 8, 7, 4, 8, 3, 6, 8]
-    assert templated.completion("hi") == [0, 7]  # [bos] + P, as a training prompt
+    # a completion is framed as in training: the template under "auto", [bos] + P under "plain"
+    assert templated.completion("hi") == [3, 5, 8, 7, 4, 8, 3, 6, 8]
+    assert PromptBuilder("llama", tok, prompt_format="plain").completion("hi") == [0, 7]
     tok.chat_template = None
     plain = PromptBuilder("llama", tok)
     assert plain.chat_mode == "plain join of the message contents"

@@ -103,6 +103,15 @@ def load_server(workdir: str | Path, base: str | None = None) -> MultiTaskServer
     return MultiTaskServer(base, {workdir.resolve().name: workdir})
 
 
+def _prompt_format(server: MultiTaskServer) -> str:
+    """The data.prompt_format the adapter sets were trained with (one for all clusters)."""
+    formats = {name: s.meta.get("config", {}).get("data", {}).get("prompt_format", "auto")
+               for name, s in server.clusters.items()}
+    if len(set(formats.values())) > 1:
+        raise ValueError(f"the clusters were trained with different data.prompt_format values: {formats}")
+    return next(iter(formats.values()), "auto")
+
+
 class Engine:
     """Slot groups, queues and the loop thread; see the module docstring."""
 
@@ -110,7 +119,7 @@ class Engine:
         if server.base.tokenizer is None:
             raise ValueError("serving needs the base's tokenizer")
         self.server, self.config = server, config
-        self.prompts = PromptBuilder(server.base.family, server.base.tokenizer)
+        self.prompts = PromptBuilder(server.base.family, server.base.tokenizer, _prompt_format(server))
         self.groups: dict[str, _Group] = {}
         self.routes: dict[str, tuple[str, int]] = {}
         for name, adapter_set in server.clusters.items():

@@ -1,9 +1,11 @@
 """Request text -> prompt ids, the way the adapters saw prompts in training.
 
-    completion  a text prompt is formatted like a training prompt (data.formatting.PromptFormat: the
-                family's special tokens around the text's ids: P + [gMASK, <sop>] for ChatGLM-6B,
-                [gMASK, sop] + P for ChatGLM2/3, [bos] + P for Llama / Qwen2), exactly what
-                eval.py generates from; a list of token ids is taken as it is (already formatted)
+    completion  a text prompt is formatted like a training prompt, in the run's data.prompt_format
+                (data.formatting.PromptFormat: the chat template's frame for an instruct base under
+                "auto"/"chat"; under "plain" the family's special tokens around the text's ids:
+                P + [gMASK, <sop>] for ChatGLM-6B, [gMASK, sop] + P for ChatGLM2/3, [bos] + P for
+                Llama / Qwen2), exactly what eval.py generates from; a list of token ids is taken as
+                it is (already formatted)
     chat        with a chat template in the tokenizer (`tokenizer.chat_template`, e.g. an HF
                 instruct model): the template's text with the generation prompt, its special
                 tokens written in the text; without one (the ChatGLM tokenizers, the demo's):
@@ -24,9 +26,9 @@ from cgc_lora_jax.evaluation.answers import stop_ids
 class PromptBuilder:
     """Formats request prompts for one tokenizer and family; see the module docstring."""
 
-    def __init__(self, family: str, tokenizer):
+    def __init__(self, family: str, tokenizer, prompt_format: str = "auto"):
         self.tokenizer = tokenizer
-        self.format = PromptFormat.for_tokenizer(family, tokenizer)
+        self.format = PromptFormat.for_tokenizer(family, tokenizer, prompt_format)
         self.chat_template = getattr(tokenizer, "chat_template", None) or None
         # eos and pad end an answer, as in eval's decode_answer.
         self.stop_ids = tuple(stop_ids(tokenizer))
