@@ -33,4 +33,5 @@ def main(argv=None) -> int:
     if command not in COMMANDS:
         print(f"cgc_lora_jax: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    sys.argv[0] = f"python -m cgc_lora_jax {command}"  # argparse's usage line names the command
     return importlib.import_module(COMMANDS[command]).main(rest)
