@@ -264,11 +264,12 @@ def load_frozen_base(path: str, *, dtype: str = "float32", with_tokenizer: bool 
 def save_adapters(directory: str | Path, adapters, meta: dict) -> Path:
     """The trained adapters and gate as a standalone orbax checkpoint, plus meta as JSON."""
     directory = Path(directory).resolve()
-    with ocp.StandardCheckpointer() as checkpointer:
+    with ocp.StandardCheckpointer() as checkpointer:  # all hosts together, like a checkpoint
         checkpointer.save(directory / "params", adapters, force=True)
-    tmp = directory / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    tmp.replace(directory / "meta.json")
+    if jax.process_index() == 0:
+        tmp = directory / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        tmp.replace(directory / "meta.json")
     return directory
 
 

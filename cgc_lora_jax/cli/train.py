@@ -22,14 +22,27 @@ def main(argv=None) -> int:
 
     from cgc_lora_jax.data.records import DataError
     from cgc_lora_jax.run import BaseMismatchError
+    from cgc_lora_jax.training.checkpoint_checks import CheckpointError
+    from cgc_lora_jax.training.distributed import DistributedSetupError
     from cgc_lora_jax.training.loop import NonFiniteLossError, train
 
     try:
         summary = train(cfg, workdir)
-    except (FileNotFoundError, DataError, BaseMismatchError, NonFiniteLossError) as e:
+    except (FileNotFoundError, DataError, BaseMismatchError, CheckpointError, NonFiniteLossError,
+            DistributedSetupError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)  # the user's input, not a bug: no traceback
         return 1
+    if summary.get("preempted"):
+        from cgc_lora_jax.training.preemption import EXIT_STATUS
+
+        print(f"train.py: stopped by SIGTERM after step {summary['step']}; its checkpoint is saved in "
+              f"{workdir}/checkpoints: run the same command to resume", file=sys.stderr)
+        return EXIT_STATUS
     print(f"trained {summary['step']} steps; adapters in {workdir}/adapters")
+    import jax
+
+    if jax.process_count() > 1:  # generation runs on one host: `python eval.py --workdir DIR` there
+        return 0
     if cfg.eval.after_training and not args.no_eval:
         from cgc_lora_jax.evaluation.evaluate import evaluate_run
 

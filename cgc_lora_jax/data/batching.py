@@ -94,20 +94,26 @@ class Batch:
 
 
 def make_batch(split: EncodedSplit, indices: np.ndarray, *, pad_multiple: int = 64,
-               max_length: int | None = None, padding_side: str = "right") -> Batch:
+               max_length: int | None = None, padding_side: str = "right",
+               rows: np.ndarray | None = None) -> Batch:
     """The batch of these sample indices (-1 = filler row), padded on `padding_side`
-    ("left" for generation prompts)."""
+    ("left" for generation prompts). `rows` (positions in `indices`): build only these rows, a
+    host's share of a global batch; the width and padding_fraction stay the whole batch's."""
     indices = np.asarray(indices, np.int64)
     real = indices[indices >= 0]
     if len(real) == 0:
         raise ValueError("a batch needs at least one real sample")
-    rows = np.where(indices >= 0, indices, real[0])
-    lengths = np.array([len(split.input_ids[i]) for i in rows])
+    lengths = np.array([len(split.input_ids[i]) for i in np.where(indices >= 0, indices, real[0])])
     width = round_up(int(lengths.max()), pad_multiple)
     if max_length is not None:
         if lengths.max() > max_length:
             raise ValueError(f"a sample has {lengths.max()} ids, more than max_length={max_length}")
         width = min(width, max_length)
+    real_tokens = int(lengths[indices >= 0].sum())
+    padding_fraction = 1.0 - real_tokens / (len(indices) * width)
+    if rows is not None:
+        indices, lengths = indices[rows], lengths[rows]
+    rows = np.where(indices >= 0, indices, real[0])
     input_ids = np.full((len(rows), width), split.pad_id, np.int32)
     labels = np.full((len(rows), width), IGNORE, np.int32)
     attention_mask = np.zeros((len(rows), width), np.int32)
@@ -117,10 +123,8 @@ def make_batch(split: EncodedSplit, indices: np.ndarray, *, pad_multiple: int = 
         attention_mask[b, span] = 1
         if split.labels is not None and indices[b] >= 0:
             labels[b, span] = split.labels[i]
-    real_tokens = int(lengths[indices >= 0].sum())
     return Batch(input_ids, None if split.labels is None else labels, attention_mask,
-                 split.task_ids[rows].astype(np.int32), indices,
-                 1.0 - real_tokens / input_ids.size)
+                 split.task_ids[rows].astype(np.int32), indices, padding_fraction)
 
 
 def prompt_batches(split: EncodedSplit, batch_size: int, *, pad_multiple: int = 64,
@@ -141,7 +145,7 @@ class BatchIterator:
 
     def __init__(self, split: EncodedSplit, *, batch_size: int, seed: int, pad_multiple: int = 64,
                  max_length: int | None = None, sort_window_batches: int = 8, shuffle: bool = True,
-                 last_batch: str = "drop", state: dict | None = None):
+                 last_batch: str = "drop", state: dict | None = None, rows: np.ndarray | None = None):
         if split.labels is None:
             raise ValueError("training batches need labels; this split was encoded for prediction")
         if batch_size < 1 or pad_multiple < 1:
@@ -149,6 +153,7 @@ class BatchIterator:
                              f"{pad_multiple}")
         self.split, self.batch_size, self.seed = split, batch_size, seed
         self.pad_multiple, self.max_length = pad_multiple, max_length
+        self.rows = rows  # this host's rows of each batch (None: all); see make_batch
         self._plan_args = dict(shuffle=shuffle, sort_window_batches=sort_window_batches,
                                last_batch=last_batch)
         self._lengths = split.lengths
@@ -167,7 +172,7 @@ class BatchIterator:
 
     def _batch(self, indices: np.ndarray) -> Batch:
         return make_batch(self.split, indices, pad_multiple=self.pad_multiple,
-                          max_length=self.max_length)
+                          max_length=self.max_length, rows=self.rows)
 
     def epoch_batches(self, epoch: int = 0) -> Iterator[Batch]:
         """The batches of one epoch, independent of the iterator's position (e.g. for eval)."""

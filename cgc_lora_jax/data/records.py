@@ -139,6 +139,14 @@ def field_names(data_format: str, *, input_field: str | None = None,
                       choices_field or None)
 
 
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _parse_line(raw: bytes, location: str, fields: FieldNames, stem: str, number: int) -> dict:
     """One line as a row with COLUMNS (target may be blank); DataError when malformed."""
     try:
@@ -148,6 +156,8 @@ def _parse_line(raw: bytes, location: str, fields: FieldNames, stem: str, number
     except json.JSONDecodeError as err:
         raise DataError(location, "malformed_json",
                         f"malformed JSON ({err.msg} at column {err.colno})") from None
+    except (RecursionError, ValueError) as err:  # nesting too deep; an integer of > 4300 digits
+        raise DataError(location, "malformed_json", f"unreadable JSON ({str(err).split(':')[0]})") from None
     if not isinstance(record, dict):
         raise DataError(location, "not_an_object", f"expected a JSON object, got "
                         f"{type(record).__name__}")
@@ -166,6 +176,12 @@ def _parse_line(raw: bytes, location: str, fields: FieldNames, stem: str, number
                                 or not all(isinstance(c, str) for c in choices)):
         raise DataError(location, "bad_field_type",
                         f"field {fields.answer_choices!r} must be a list of strings or null")
+    for name in (fields.input, fields.target, fields.task, fields.task_type, fields.sample_id):
+        if name and isinstance(record.get(name), str) and not _is_text(record[name]):
+            raise DataError(location, "malformed_json", f"field {name!r} holds a lone UTF-16 surrogate "
+                            "(a \\ud800-\\udfff escape without its pair), which is not text")
+    if choices and not all(_is_text(c) for c in choices):
+        raise DataError(location, "malformed_json", f"field {fields.answer_choices!r} holds a lone UTF-16 surrogate")
     sample_id = record[fields.sample_id] if fields.sample_id else f"{stem}-{number}"
     if isinstance(sample_id, bool) or not isinstance(sample_id, (str, int)):
         raise DataError(location, "bad_field_type", f"field {fields.sample_id!r} must be a "

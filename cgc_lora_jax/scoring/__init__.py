@@ -63,6 +63,8 @@ def read_jsonl(path: str | os.PathLike) -> list[Entry]:
             except json.JSONDecodeError as err:
                 raise ScoringError(
                     f"{location}: malformed JSON line ({err.msg} at column {err.colno})") from None
+            except (RecursionError, ValueError) as err:  # too deeply nested; an int of > 4300 digits
+                raise ScoringError(f"{location}: unreadable JSON line ({str(err).split(':')[0]})") from None
     return entries
 
 

@@ -9,8 +9,11 @@ export). Started again on the same workdir, a run resumes from its latest checkp
 reproduces the uninterrupted run's losses exactly.
 
 Multi-host: launch the same command on every host with JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or under SLURM, which is detected);
-`jax.distributed.initialize()` is then called before anything touches a device.
+JAX_NUM_PROCESSES and JAX_PROCESS_ID set, as srun tasks under SLURM, or with
+CGC_LORA_DISTRIBUTED=1 on a TPU pod (JAX detects the pod); see training/distributed.py for how
+each host builds its rows of a global batch. Host 0 writes the workdir's files; all hosts write
+the checkpoints together, so the workdir must be one shared folder. SIGTERM saves the step in
+flight and stops (training/preemption.py).
 """
 
 from __future__ import annotations
@@ -18,19 +21,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
 
-from cgc_lora_jax.run import ADAPTERS_DIR, VOCAB_FILE, encode, load_base, lora_config, read_data, save_adapters
+from cgc_lora_jax.run import (ADAPTERS_DIR, VOCAB_FILE, data_folder, encode, load_base, lora_config, read_data,
+                              save_adapters)
 from cgc_lora_jax.training.checkpoint import RunCheckpoints, abstract_like
+from cgc_lora_jax.training.checkpoint_checks import RunConfigMismatchError
+from cgc_lora_jax.training.distributed import (barrier, global_batch, host_rows, initialize_from_env, is_primary,
+                                               replicate_on_mesh)
+from cgc_lora_jax.training.preemption import PreemptionWatch
 from cgc_lora_jax.config import to_json
 from cgc_lora_jax.params import count_parameters, split_params
 from cgc_lora_jax.training.run_log import RunLog
-from cgc_lora_jax.sharding import BATCH_SPEC, make_mesh
+from cgc_lora_jax.sharding import make_mesh
 from cgc_lora_jax.data.task_vocab import TaskVocab
 from cgc_lora_jax.training.step import TrainState, make_eval_step, make_optimizer, make_train_step
 
@@ -47,14 +53,8 @@ class RunData:
     summaries: dict  # what reading each split skipped or truncated
 
 
-def maybe_initialize_distributed() -> None:
-    if "JAX_COORDINATOR_ADDRESS" in os.environ or "SLURM_JOB_ID" in os.environ:
-        jax.distributed.initialize()
-
-
-def _shard_batch(batch: dict, mesh) -> dict:
-    sharding = NamedSharding(mesh, BATCH_SPEC)
-    return {k: jax.device_put(batch[k], sharding) for k in ("input_ids", "labels", "task_ids")}
+def _shard_batch(batch: dict, mesh, batch_size: int) -> dict:
+    return global_batch({k: batch[k] for k in ("input_ids", "labels", "task_ids")}, mesh, batch_size)
 
 
 def _truncate_metrics(workdir: Path, step: int) -> None:
@@ -72,13 +72,13 @@ def validation_loss(eval_step, adapters, base_params, dev, cfg, mesh, vocab) -> 
     from cgc_lora_jax.data.batching import BatchIterator
 
     batches = BatchIterator(dev, batch_size=cfg.train.batch_size, seed=0, pad_multiple=cfg.data.pad_multiple,
-                            shuffle=False, last_batch="pad")
+                            shuffle=False, last_batch="pad", rows=host_rows(mesh, cfg.train.batch_size))
     task_loss = np.zeros(len(vocab.tasks))
     task_tokens = np.zeros(len(vocab.tasks))
     for i, batch in enumerate(batches.epoch_batches(0)):
         if i >= cfg.train.eval_batches:
             break
-        loss, tokens = eval_step(adapters, base_params, _shard_batch(batch.arrays(), mesh))
+        loss, tokens = eval_step(adapters, base_params, _shard_batch(batch.arrays(), mesh, cfg.train.batch_size))
         task_loss += np.asarray(loss)
         task_tokens += np.asarray(tokens)
     record = {"val_loss": float(task_loss.sum() / max(task_tokens.sum(), 1))}
@@ -90,18 +90,23 @@ def train(cfg, workdir: str | Path) -> dict:
     """Run (or resume) the training job of `cfg` in `workdir`; returns the final figures."""
     from cgc_lora_jax.data.batching import BatchIterator
 
-    maybe_initialize_distributed()
+    initialize_from_env()
+    primary = is_primary()  # host 0 writes the workdir's files; every host reads them
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(to_json(cfg))
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide by train.grad_accum={cfg.train.grad_accum}")
 
     mesh = make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor})
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        data_folder(cfg.data, workdir)  # a generated dataset is written once
+    barrier("cgc_lora_jax:workdir")
     splits, vocab = read_data(cfg, workdir)
-    vocab.save(workdir / VOCAB_FILE)
+    barrier("cgc_lora_jax:read")
+    if primary:
+        vocab.save(workdir / VOCAB_FILE)
     lora = lora_config(cfg.lora, len(vocab.tasks))
-    base = load_base(cfg.model, lora=lora, mesh=mesh, workdir=workdir, seed=cfg.train.seed)
+    base = load_base(cfg.model, lora=lora, mesh=mesh, workdir=workdir if primary else None, seed=cfg.train.seed)
     data = RunData(vocab, encode(cfg.data, splits.datasets["train"], base, vocab),
                    encode(cfg.data, splits.datasets["dev"], base, vocab) if "dev" in splits.datasets else None,
                    {k: v.as_dict() for k, v in splits.summaries.items()})
@@ -109,19 +114,31 @@ def train(cfg, workdir: str | Path) -> dict:
     base_params, adapters = split_params(base.params)
     trainable, total = count_parameters(base.params)
     tx, schedule = make_optimizer(cfg.train)
-    state = TrainState.create(adapters, tx, cfg.train.seed)
+    state = replicate_on_mesh(TrainState.create(adapters, tx, cfg.train.seed), mesh)
     ckpt = RunCheckpoints(workdir, cfg.train.keep_checkpoints, base.info)
-    restored = ckpt.restore_latest(abstract_like(state))
+    restored = ckpt.restore_latest(abstract_like(state), cfg.to_dict())
     iterator_state, start = None, 0
     if restored is not None:
         state, meta = restored
         iterator_state, start = meta["data"], int(meta["step"])
-        _truncate_metrics(workdir, start)
-    batches = BatchIterator(data.train, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                            pad_multiple=cfg.data.pad_multiple, state=iterator_state)
+    try:
+        batches = BatchIterator(data.train, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                pad_multiple=cfg.data.pad_multiple, state=iterator_state,
+                                rows=host_rows(mesh, cfg.train.batch_size))
+    except ValueError as e:
+        if iterator_state is None:
+            raise
+        raise RunConfigMismatchError(f"{ckpt.directory / str(start)} was saved at a position in other training "
+                                     f"data than {data.summaries['train'].get('path')} holds now ({e}); "
+                                     "restore that data, or start a new --workdir") from e
+    if primary:  # after the checks: a refused resume keeps the saved config.json and metrics
+        if restored is not None:
+            _truncate_metrics(workdir, start)
+        (workdir / "config.json").write_text(to_json(cfg))
 
-    log = RunLog(workdir, cfg.train.steps, start)
-    log.info(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; mesh {dict(mesh.shape)}")
+    log = RunLog(workdir, cfg.train.steps, start, write_files=primary)
+    log.info(f"devices: {jax.device_count()} x {jax.devices()[0].platform} on {jax.process_count()} host(s); "
+             f"mesh {dict(mesh.shape)}")
     log.info(f"base: {base.info['path']} ({base.family}); tasks: {', '.join(vocab.tasks)}")
     log.info(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.4%})")
     log.info(f"train samples: {len(data.train)}; truncated: {dict(data.train.truncated) or 'none'}; "
@@ -155,11 +172,12 @@ def train(cfg, workdir: str | Path) -> dict:
         log.advance()
         return metrics
 
-    pending = None
+    pending, preempted = None, None
+    preemption = PreemptionWatch()
     try:
         for step in range(start, cfg.train.steps):
             batch = next(batches)
-            state, metrics = train_step(state, base_params, _shard_batch(batch.arrays(), mesh))
+            state, metrics = train_step(state, base_params, _shard_batch(batch.arrays(), mesh, cfg.train.batch_size))
             # The previous step's figures are fetched while this one runs: no per-step stall.
             if pending is not None:
                 absorb(*pending)
@@ -167,7 +185,9 @@ def train(cfg, workdir: str | Path) -> dict:
             pending = (done, metrics, batch.padding_fraction)
             log_now = done % cfg.train.log_every == 0 or done == cfg.train.steps
             eval_now = data.dev is not None and cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps)
-            save_now = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
+            if preemption.reached(done):
+                preempted = done
+            save_now = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or preempted
             if not (log_now or eval_now or save_now):
                 continue
             metrics, pending = absorb(*pending), None  # every loss up to `done` is checked before a save
@@ -184,10 +204,19 @@ def train(cfg, workdir: str | Path) -> dict:
                 log.validation(done, validation_loss(eval_step, state.adapters, base_params, data.dev, cfg, mesh, vocab))
             if save_now:
                 ckpt.save(done, state, {**meta, "data": batches.state()})
+            if preempted:
+                ckpt.wait()
+                log.info(f"SIGTERM received: saved checkpoint {ckpt.directory / str(done)} at step {done} "
+                         "and stopped; run the same command to resume")
+                return {"step": done, "last": last, "trainable": trainable, "total": total, "workdir": str(workdir),
+                        "preempted": True}
         ckpt.wait()
         save_adapters(workdir / ADAPTERS_DIR, jax.device_get(state.adapters), {**meta, "base": base.info, "step": int(state.step)})
     finally:
-        ckpt.wait()
-        ckpt.close()
-        log.close()
+        preemption.close()
+        try:
+            ckpt.wait()
+            ckpt.close()
+        finally:
+            log.close()
     return {"step": int(state.step), "last": last, "trainable": trainable, "total": total, "workdir": str(workdir)}

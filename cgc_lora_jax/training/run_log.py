@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -16,10 +17,13 @@ from tqdm.auto import tqdm
 
 
 class RunLog:
-    def __init__(self, workdir: str | Path, total_steps: int, start_step: int = 0):
+    def __init__(self, workdir: str | Path, total_steps: int, start_step: int = 0, write_files: bool = True):
+        """write_files=False (hosts other than 0 of a multi-host run): log nothing, write nothing."""
         self.workdir = Path(workdir)
-        self.jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self.write_files = write_files
+        self.jsonl = open(self.workdir / "metrics.jsonl" if write_files else os.devnull, "a", encoding="utf-8")
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not write_files)
         self._tb = None
         self._tokens = 0.0
         self._since = time.perf_counter()
@@ -33,7 +37,8 @@ class RunLog:
         return self._tb
 
     def info(self, message: str) -> None:
-        self.bar.write(message)
+        if self.write_files:
+            self.bar.write(message)
 
     def count_tokens(self, tokens: float) -> None:
         self._tokens += tokens
@@ -63,6 +68,8 @@ class RunLog:
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in record.items()}
         self.jsonl.write(json.dumps(clean) + "\n")
         self.jsonl.flush()
+        if not self.write_files:
+            return
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.tensorboard.add_scalar(key, value, record["step"])
