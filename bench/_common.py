@@ -56,3 +56,20 @@ def run_child_peak_rss(cmd: list[str], env: dict | None = None, timeout_s: float
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=timeout_s)
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return proc.returncode, proc.stdout, peak_kib * 1024
+
+
+def matmul_calls(m: int, k: int, n: int) -> dict[str, Callable[[], Any]]:
+    """Zero-argument jit matmuls [m, k] @ [k, n]: this CPU's ceiling for the step's matmuls.
+
+    "f32": float32 in and out; "bf16": bfloat16 in, float32 accumulation and output (XLA:CPU's
+    fast bf16 kernel; a bf16-out dot without preferred_element_type takes a slow path).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
+    w = jax.random.normal(jax.random.key(1), (k, n), jnp.float32) * k**-0.5
+    f32 = jax.jit(lambda a, b: a @ b)
+    bf16 = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    return {"f32": lambda: f32(x, w), "bf16": lambda: bf16(x16, w16)}

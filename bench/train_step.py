@@ -52,7 +52,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench._common import interleaved_medians, run_child_peak_rss  # noqa: E402
+from bench._common import interleaved_medians, matmul_calls, run_child_peak_rss  # noqa: E402
 from cgc_lora_jax.layers import CGCLoRAConfig  # noqa: E402
 from cgc_lora_jax.params import count_parameters, split_params  # noqa: E402
 from cgc_lora_jax.loss import IGNORE, token_losses  # noqa: E402
@@ -60,6 +60,7 @@ from cgc_lora_jax.training.step import TrainState, make_optimizer, make_train_st
 from cgc_lora_jax.models import chatglm, llama  # noqa: E402
 
 GLM_TARGETS = r"query_key_value|dense|dense_h_to_4h|dense_4h_to_h"
+REAL_TARGETS = r"q_proj|v_proj"
 SPECIAL_IDS = dict(pad_token_id=1, mask_token_id=2, gmask_token_id=3, bos_token_id=4, eos_token_id=5)
 SMALL_GLM = dict(vocab_size=8000, hidden_size=512, num_layers=4, num_attention_heads=8, inner_hidden_size=2048,
                  layernorm_epsilon=1e-5, max_sequence_length=1024, position_encoding_2d=True, **SPECIAL_IDS)
@@ -183,10 +184,43 @@ def torch_llama_to_flax(torch_model, cfg: llama.LlamaConfig) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
+def peft_train_call(torch_model, ids: np.ndarray, labels: np.ndarray, autocast_bf16: bool = False):
+    """(a zero-argument PEFT LoRA r=8 q_proj/v_proj training step, its list of losses).
+
+    AdamW with our constant rate and clipping. PEFT keeps the adapters in float32 whatever the
+    base's dtype (autocast_adapter_dtype), like ours; `autocast_bf16` runs the step under
+    torch.autocast(bfloat16) instead of with bf16 weights.
+    """
+    import contextlib
+
+    import peft
+    import torch
+
+    peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(
+        r=8, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))  # alpha / r as ours
+    peft_model.train()
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=OPTIMIZER.lr, weight_decay=OPTIMIZER.weight_decay)
+    ids_t, labels_t = torch.as_tensor(ids), torch.as_tensor(labels)
+    losses = []
+
+    def step():
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
+        with autocast:
+            loss = peft_model(input_ids=ids_t, labels=labels_t).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, OPTIMIZER.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # .item() waits for the step: torch on CPU is synchronous anyway
+        return None
+
+    return step, losses
+
+
 def bench_llama_vs_peft(args) -> dict:
     import warnings
 
-    import peft
     import torch
     import transformers
 
@@ -206,25 +240,8 @@ def bench_llama_vs_peft(args) -> dict:
     model = llama.build(cfg, lora=CGCLoRAConfig.lora_full(1, rank=8, targets=r"q_proj|v_proj"))
     ours, ours_log = train_call(model, base, init_adapters(model, batch), batch, num_tasks=1)
 
-    peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(
-        r=8, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))  # alpha / r as ours
-    peft_model.train()
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=OPTIMIZER.lr, weight_decay=OPTIMIZER.weight_decay)
-    ids_t, labels_t = torch.as_tensor(ids), torch.as_tensor(labels)
-    peft_losses = []
-
-    def peft_step():
-        loss = peft_model(input_ids=ids_t, labels=labels_t).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, OPTIMIZER.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        peft_losses.append(loss.item())
-        return loss
-
-    wait = lambda r: r if isinstance(r, torch.Tensor) else jax.block_until_ready(r)
-    med = interleaved_medians({"ours": ours, "peft": peft_step}, args.rounds, wait=wait)
+    peft_step, peft_losses = peft_train_call(torch_model, ids, labels)
+    med = interleaved_medians({"ours": ours, "peft": peft_step}, args.rounds, wait=jax.block_until_ready)
     first_ours, first_peft = float(ours_log["losses"][0]), peft_losses[0]
     if abs(first_ours - first_peft) > 1e-4 * abs(first_peft):  # same weights, B = 0: same base loss
         raise AssertionError(f"initial losses differ: ours {first_ours} vs PEFT {first_peft}: not the same model")
@@ -238,6 +255,154 @@ def bench_llama_vs_peft(args) -> dict:
         print(f"{name:<8} {t * 1e3:9.1f} {tokens / t:9.0f} {t / med['peft']:7.3f}")
     return {"ours_over_peft": med["ours"] / med["peft"], "llama_step_ms": {k: v * 1e3 for k, v in med.items()},
             "llama_initial_loss": {"ours": first_ours, "peft": first_peft}}
+
+
+def real_flops_per_token(base_params: int, adapter_params: int, cfg: llama.LlamaConfig, seq: int) -> float:
+    """Model FLOPs per token of an adapter step (no remat recompute):
+
+        F = 4 N_base + 6 N_adapt + 12 L S d_attn
+
+    frozen base: forward 2 N and input gradient 2 N, no weight gradient (N_base counts the tied
+    embedding once: it is the head's matmul); adapters: forward, input and weight gradient 6 N;
+    attention scores and mixing, forward + backward, 12 L S d_attn (d_attn = heads x head_dim,
+    S the full row length, causal masking not discounted: the usual convention).
+    """
+    d_attn = cfg.num_attention_heads * cfg.head_dim
+    return 4 * base_params + 6 * adapter_params + 12 * cfg.num_hidden_layers * seq * d_attn
+
+
+def real_batch(cfg: llama.LlamaConfig, batch: int, source: int, target: int, num_tasks: int, seed: int = 0):
+    """Random ids [batch, source + target], loss on the last `target` tokens; tasks cycle over rows."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, cfg.vocab_size, (batch, source + target))
+    labels = ids.copy()
+    labels[:, :source] = IGNORE
+    return ids, labels, {"input_ids": jnp.asarray(ids, jnp.int32), "labels": jnp.asarray(labels, jnp.int32),
+                         "task_ids": jnp.asarray(np.arange(batch) % num_tasks, jnp.int32)}
+
+
+def real_cgc_config() -> CGCLoRAConfig:
+    """The CGC-LoRA of the real part: 8 tasks, the default experts, on q_proj / v_proj."""
+    return CGCLoRAConfig(8, num_common=8, common_rank=2, specific_rank=2, gate="shared", targets=REAL_TARGETS)
+
+
+def bench_real(args) -> dict:
+    """SmolLM2-135M shapes: matmul ceiling, ours vs PEFT in f32 and bf16, CGC-LoRA bf16, peak RSS."""
+    import copy
+    import warnings
+
+    import torch
+
+    from bench._smollm2 import random_smollm2
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    torch.set_num_threads(args.torch_threads)
+    figures = {}
+    if not args.real_skip_rss:
+        figures.update(real_peak_rss(args))
+
+    m, k, n = args.batch * args.real_seq, 576, 1536
+    ceiling = interleaved_medians(matmul_calls(m, k, n), rounds=15, wait=jax.block_until_ready)
+    ceiling = {name: 2 * m * k * n / t for name, t in ceiling.items()}  # FLOP/s
+
+    torch_model, cfg, base32 = random_smollm2()
+    source = args.real_seq // 2
+    ids, labels, batch = real_batch(cfg, args.batch, source, args.real_seq - source, num_tasks=1)
+    _, _, cgc_batch = real_batch(cfg, args.batch, source, args.real_seq - source, num_tasks=8)
+    base16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), base32)
+    lora = CGCLoRAConfig.lora_full(1, rank=8, targets=REAL_TARGETS)
+    bf16 = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    ours = {"ours_f32": (llama.build(cfg, lora=lora), base32, batch, 1),
+            "ours_bf16": (llama.build(cfg, lora=lora, **bf16), base16, batch, 1),
+            "cgc_bf16": (llama.build(cfg, lora=real_cgc_config(), **bf16), base16, cgc_batch, 8)}
+    calls, logs, adapter_params = {}, {}, {}
+    for name, (model, base, b, tasks) in ours.items():
+        adapters = init_adapters(model, b)
+        adapter_params[name] = count_parameters(adapters)[0]
+        calls[name], holder = train_call(model, base, adapters, b, tasks)
+        logs[name] = holder["losses"]
+    peft_f32 = copy.deepcopy(torch_model)
+    peft_bf16 = torch_model if args.peft_bf16 == "autocast" else torch_model.to(torch.bfloat16)
+    calls["peft_f32"], logs["peft_f32"] = peft_train_call(peft_f32, ids, labels)
+    calls["peft_bf16"], logs["peft_bf16"] = peft_train_call(peft_bf16, ids, labels, args.peft_bf16 == "autocast")
+    del base32, base16
+    med = interleaved_medians(calls, args.real_rounds, wait=jax.block_until_ready)
+
+    initial = {name: float(losses[0]) for name, losses in logs.items()}
+    for ours_name, peft_name, tol in (("ours_f32", "peft_f32", 1e-4), ("ours_bf16", "peft_bf16", 2e-2)):
+        if abs(initial[ours_name] - initial[peft_name]) > tol * abs(initial[peft_name]):
+            raise AssertionError(f"initial losses differ: {ours_name} {initial[ours_name]} vs "
+                                 f"{peft_name} {initial[peft_name]}: not the same model")
+    tokens = args.batch * args.real_seq
+    base_params = count_parameters(ours["ours_f32"][1])[1]
+    print(f"\n[real] SmolLM2-135M shapes (random weights, {base_params / 1e6:.1f} M), {args.batch} x {args.real_seq} "
+          f"tokens (loss on the last {args.real_seq - source}), LoRA r=8 / CGC-LoRA (8 tasks) on q_proj|v_proj; "
+          f"torch x{torch.get_num_threads()} threads, PEFT bf16 by {args.peft_bf16}; median of {args.real_rounds} rounds")
+    print(f"matmul ceiling {m}x{k} @ {k}x{n}: f32 {ceiling['f32'] / 1e9:.1f} GFLOP/s, "
+          f"bf16 (f32 accumulation) {ceiling['bf16'] / 1e9:.1f} GFLOP/s")
+    print(f"{'variant':<10} {'step s':>8} {'tokens/s':>9} {'/ peft':>7} {'of ceiling':>11} {'init loss':>10}")
+    fraction = {}
+    for name, t in med.items():
+        dtype = "bf16" if name.endswith("bf16") else "f32"
+        flops = real_flops_per_token(base_params, adapter_params.get(name, adapter_params["ours_f32"]), cfg,
+                                     args.real_seq)
+        fraction[name] = tokens / t * flops / ceiling[dtype]
+        vs = f"{t / med['peft_' + dtype]:7.3f}"
+        print(f"{name:<10} {t:8.2f} {tokens / t:9.0f} {vs} {fraction[name]:11.3f} {initial[name]:10.5f}")
+    figures.update({
+        "real_ours_over_peft_f32": med["ours_f32"] / med["peft_f32"],
+        "real_ours_over_peft_bf16": med["ours_bf16"] / med["peft_bf16"],
+        "real_bf16_over_f32": med["ours_bf16"] / med["ours_f32"],
+        "real_cgc_bf16_over_lora_bf16": med["cgc_bf16"] / med["ours_bf16"],
+        "real_step_s": med, "real_tokens_per_s": {k: tokens / v for k, v in med.items()},
+        "real_ceiling_gflops": {k: v / 1e9 for k, v in ceiling.items()},
+        "real_fraction_of_ceiling": fraction,
+        "real_flops_per_token": real_flops_per_token(base_params, adapter_params["ours_f32"], cfg, args.real_seq),
+    })
+    return figures
+
+
+def real_rss_run(batch_size: int, source: int, target: int, steps: int, remat: bool) -> dict:
+    """CGC-LoRA steps of the SmolLM2-135M-shaped model in bf16 (random base, no torch imported)."""
+    import resource
+
+    from bench._smollm2 import SMOLLM2_135M
+
+    cfg = llama.LlamaConfig.from_hf(SMOLLM2_135M)
+    model = llama.build(cfg, lora=real_cgc_config(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat=remat)
+    _, _, batch = real_batch(cfg, batch_size, source, target, num_tasks=8)
+    abstract = jax.eval_shape(lambda k: model.init(k, batch["input_ids"], None, batch["task_ids"])["params"],
+                              jax.random.key(0))
+    base = random_base(split_params(abstract)[0])
+    call, holder = train_call(model, base, init_adapters(model, batch), batch, 8)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - start)
+    return {"step_s": float(np.median(times[1:] if len(times) > 1 else times)),
+            "losses": [float(x) for x in holder["losses"]],
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # KiB on Linux
+
+
+def real_peak_rss(args) -> dict:
+    """Peak RSS of the bf16 CGC-LoRA step in child processes, without and with remat per block.
+
+    Each child reports its own ru_maxrss (RUSAGE_SELF), so the two runs do not mix.
+    """
+    src, tgt, figures = args.real_rss_source, args.real_rss_target, {}
+    for remat in (False, True):
+        cmd = [sys.executable, __file__, "--real-rss-child", "--real-rss-batch", str(args.real_rss_batch),
+               "--real-rss-source", str(src), "--real-rss-target", str(tgt)] + (["--real-rss-remat"] if remat else [])
+        rc, out, _ = run_child_peak_rss(cmd)
+        if rc != 0:
+            raise RuntimeError(f"the real-shape RSS child (remat={remat}) failed with exit code {rc}")
+        r = json.loads(out.strip().splitlines()[-1])
+        peak, suffix = r["peak_rss_bytes"] / GIB, "_remat" if remat else ""
+        print(f"\n[real] CGC-LoRA bf16 step, {args.real_rss_batch} x ({src} + {tgt}) tokens, remat {remat}, "
+              f"in a child process: peak RSS {peak:.2f} GiB, {r['step_s']:.1f} s/step, losses {r['losses']}")
+        figures.update({f"real_step_peak_rss_gb{suffix}": peak, f"real_rss_step_s{suffix}": r["step_s"]})
+    return figures
 
 
 def hashed_uniform(shape: tuple[int, ...], dtype, std: float, salt: int) -> jax.Array:
@@ -261,7 +426,7 @@ def random_base(abstract_base: dict) -> dict:
     embeddings std 0.02, LayerNorm scale 1, biases 0."""
     def leaf(path, spec):
         name = path[-1].key
-        if name == "scale":
+        if name == "scale" or (name == "weight" and len(spec.shape) == 1):  # LayerNorm / RMSNorm
             return jnp.ones(spec.shape, spec.dtype)
         if name == "bias":
             return jnp.zeros(spec.shape, spec.dtype)
@@ -361,7 +526,19 @@ def main():
     parser.add_argument("--seq", type=int, default=512, help="tokens per sequence (chatglm)")
     parser.add_argument("--llama-seq", type=int, default=256, help="tokens per sequence (llama)")
     parser.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads for PEFT")
-    parser.add_argument("--skip-small", action="store_true", help="skip the chatglm and llama parts")
+    parser.add_argument("--parts", default="chatglm,llama,real",
+                        help="comma-separated parts to run: chatglm, llama, real (SmolLM2-135M shapes)")
+    parser.add_argument("--skip-small", action="store_true", help="skip the chatglm, llama and real parts")
+    parser.add_argument("--real-seq", type=int, default=256, help="tokens per sequence (real), loss on the 2nd half")
+    parser.add_argument("--real-rounds", type=int, default=3, help="timed rounds per variant (real)")
+    parser.add_argument("--peft-bf16", choices=("weights", "autocast"), default="weights",
+                        help="PEFT's bf16 variant: bf16 base weights, or float32 weights under torch.autocast")
+    parser.add_argument("--real-skip-rss", action="store_true", help="skip the real part's peak-RSS child")
+    parser.add_argument("--real-rss-batch", type=int, default=16, help="rows of the peak-RSS step")
+    parser.add_argument("--real-rss-source", type=int, default=256, help="prompt tokens per row of the RSS step")
+    parser.add_argument("--real-rss-target", type=int, default=64, help="target tokens per row of the RSS step")
+    parser.add_argument("--real-rss-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--real-rss-remat", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--glm6b", action="store_true", help="also run the ChatGLM-6B-shaped step (~20 GB RAM)")
     parser.add_argument("--force", action="store_true", help="run --glm6b even with < 20 GiB available")
     parser.add_argument("--glm6b-batch", type=int, default=1, help="sequences per 6B step")
@@ -375,19 +552,30 @@ def main():
     parser.add_argument("--gpu-steps", type=int, default=6, help="GPU steps; the median after the first is reported")
     parser.add_argument("--peak-flops", type=float, default=989e12, help="peak bf16 FLOP/s (H100 SXM dense: 989e12)")
     args = parser.parse_args()
+    if args.real_rss_child:
+        print(json.dumps(real_rss_run(args.real_rss_batch, args.real_rss_source, args.real_rss_target, steps=2,
+                                      remat=args.real_rss_remat)))
+        return
     if args.glm6b_child:
         print(json.dumps(glm6b_run(args.glm6b_batch, args.glm6b_seq, args.glm6b_steps, args.glm6b_layers)))
         return
 
-    figures = dict.fromkeys(("cgc_over_lora", "cgc_over_floor", "lora_over_floor", "ours_over_peft",
+    figures = dict.fromkeys(("real_ours_over_peft_f32", "real_ours_over_peft_bf16", "real_bf16_over_f32",
+                             "real_step_peak_rss_gb", "cgc_over_lora", "cgc_over_floor", "lora_over_floor", "ours_over_peft",
                              "glm6b_step_s", "glm6b_peak_rss_gb", "gpu_tokens_per_s", "gpu_mfu"))
     if args.gpu:
         figures.update(bench_gpu(args))
     else:
         if args.glm6b:  # first, so that the children's peak RSS is this child's
             figures.update(bench_glm6b(args))
-        if not args.skip_small:
+        parts = set() if args.skip_small else set(args.parts.split(","))
+        if parts - {"chatglm", "llama", "real"}:
+            parser.error(f"--parts {args.parts}: unknown {sorted(parts - {'chatglm', 'llama', 'real'})}")
+        if "real" in parts:
+            figures.update(bench_real(args))
+        if "chatglm" in parts:
             figures.update(bench_chatglm(args))
+        if "llama" in parts:
             figures.update(bench_llama_vs_peft(args))
         if not args.glm6b:
             print(f"\n[glm6b] skipped: run `python {os.path.relpath(__file__)} --glm6b [--skip-small]` "

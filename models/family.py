@@ -21,7 +21,8 @@ Incremental decoding with a KV cache:
                                 cache=cache, method=model.decode)
 
 The first `decode` call takes the whole (left-padded) prompt, later calls one token per row
-(attention_mask then is [B, 1] of ones). The cache is a pytree of arrays with static shapes, so
+(attention_mask then is [B, 1] of ones). A family's decode may accept `last_only=True` (logits
+[B, 1, V] of the chunk's last position); generation then passes it. The cache is a pytree of arrays with static shapes, so
 a jit-compiled decode step never recompiles.
 """
 

@@ -29,6 +29,7 @@ and merged per-task weights are just other params.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Sequence
 
 import jax
@@ -85,8 +86,12 @@ def _generate(model, params, input_ids, attention_mask, task_ids, eos_ids, rng, 
     batch, prompt_length = input_ids.shape
     variables = {"params": params}
 
+    # A family whose decode takes `last_only` skips the head on all but the last prompt position.
+    last_only = {"last_only": True} if "last_only" in inspect.signature(model.decode).parameters else {}
+
     def step(token_ids, mask, cache):
-        logits, cache = model.apply(variables, token_ids, mask, task_ids, cache=cache, method=model.decode)
+        logits, cache = model.apply(variables, token_ids, mask, task_ids, cache=cache, method=model.decode,
+                                    **last_only)
         return logits[:, -1], cache
 
     def pick(logits, rng, done):

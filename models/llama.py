@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from cgc_lora_jax.layers import AdapterInputs, CGCLoRAConfig, Dense, TaskRouting
+from cgc_lora_jax.data.packing import segment_mask, segment_positions
 from cgc_lora_jax.sharding import ADAPTER_RULES
 from cgc_lora_jax.models.family import KeyMap, ModelFamily, register
 
@@ -323,17 +324,40 @@ class LlamaForCausalLM(nn.Module):
             return self.model.embed_tokens.attend(hidden).astype(jnp.float32)
         return self.lm_head(hidden, adapters, deterministic).astype(jnp.float32)
 
-    def __call__(self, input_ids, attention_mask=None, task_ids=None, deterministic=True) -> Array:
-        """logits [B, T, V] float32 for left-padded input_ids [B, T] (mask 1 = token, 0 = pad)."""
-        b, t = input_ids.shape
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, t), jnp.int32)
-        key_valid = attention_mask.astype(bool)
-        mask_bts = jnp.tril(jnp.ones((t, t), bool))[None] & key_valid[:, None, :]
-        adapters = self._adapters(task_ids, b)
-        positions = left_pad_positions(attention_mask)
-        hidden, _ = self.model(input_ids, positions, mask_bts, adapters, deterministic)
+    def __call__(self, input_ids, attention_mask=None, task_ids=None, deterministic=True, segment_ids=None):
+        """logits [B, T, V] float32 for left-padded input_ids [B, T] (mask 1 = token, 0 = pad), or
+        for packed rows: segment_ids [B, T] (cgc_lora_jax/data/packing.py) instead of attention_mask."""
+        hidden, adapters = self._hidden(input_ids, attention_mask, task_ids, deterministic, segment_ids)
         return self._logits(hidden, adapters, deterministic)
+
+    def hidden_states(self, input_ids, attention_mask=None, task_ids=None, deterministic=True, segment_ids=None):
+        """The final normed hidden states [B, T, d] that `__call__` feeds to the head; with
+        `frozen_head` the training loss takes the head on target positions only (target_loss.py)."""
+        return self._hidden(input_ids, attention_mask, task_ids, deterministic, segment_ids)[0]
+
+    def frozen_head(self, params: dict) -> Array | None:
+        """The output matrix [V, d] (logits = h W^T) from `params`, or None when the head has adapters."""
+        if self.config.tie_word_embeddings:
+            return params["model"]["embed_tokens"]["embedding"]
+        if self.lora is not None and self.lora.is_target("lm_head"):
+            return None
+        return params["lm_head"]["kernel"].T
+
+    def _hidden(self, input_ids, attention_mask, task_ids, deterministic, segment_ids=None):
+        b, t = input_ids.shape
+        if segment_ids is not None:  # packed rows: each segment attends to itself from position 0
+            if attention_mask is not None:
+                raise ValueError("pass attention_mask or segment_ids, not both (segment 0 is padding)")
+            mask_bts, positions = segment_mask(segment_ids), segment_positions(segment_ids)
+        else:
+            if attention_mask is None:
+                attention_mask = jnp.ones((b, t), jnp.int32)
+            key_valid = attention_mask.astype(bool)
+            mask_bts = jnp.tril(jnp.ones((t, t), bool))[None] & key_valid[:, None, :]
+            positions = left_pad_positions(attention_mask)
+        adapters = self._adapters(task_ids, b)
+        hidden, _ = self.model(input_ids, positions, mask_bts, adapters, deterministic)
+        return hidden, adapters
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
         """Empty KV cache: slots [0, max_length) per row, all invalid; needs no parameters.
@@ -353,11 +377,14 @@ class LlamaForCausalLM(nn.Module):
             ),
         }
 
-    def decode(self, input_ids, attention_mask=None, task_ids=None, cache=None, deterministic=True):
+    def decode(self, input_ids, attention_mask=None, task_ids=None, cache=None, deterministic=True,
+               last_only=False):
         """Append a chunk (the prompt, then one token per row) to the cache: (logits, cache).
 
         The chunk's T tokens go to slots [index, index + T); query slot j sees key slots <= j that
-        hold real tokens. Positions continue each row's count of real tokens.
+        hold real tokens. Positions continue each row's count of real tokens. last_only: logits of
+        the chunk's last position only, [B, 1, V] (generation's prefill needs no more; the head
+        over a whole prompt costs about a quarter of this model's prefill).
         """
         b, t = input_ids.shape
         if attention_mask is None:
@@ -380,6 +407,7 @@ class LlamaForCausalLM(nn.Module):
             "key_valid": key_valid,
             "layers": layers,
         }
+        hidden = hidden[:, -1:] if last_only else hidden
         return self._logits(hidden, adapters, deterministic), cache
 
 

@@ -27,6 +27,7 @@ from flax import struct
 
 from cgc_lora_jax.loss import IGNORE, token_losses
 from cgc_lora_jax.params import join_params
+from cgc_lora_jax.target_loss import target_token_sums
 
 
 @struct.dataclass
@@ -60,16 +61,30 @@ def _per_task(values_b: jax.Array, task_ids: jax.Array, num_tasks: int) -> jax.A
     return jax.nn.one_hot(task_ids, num_tasks, dtype=jnp.float32).T @ values_b
 
 
+def example_sums(model: nn.Module, params, batch, rng, deterministic: bool) -> tuple[jax.Array, jax.Array]:
+    """Summed target-token loss [B] and target counts [B] of a batch.
+
+    A model with a frozen output head (`frozen_head`, `hidden_states`: models/llama.py) takes
+    the head on target positions only, in chunks (target_loss.py): the same loss without the
+    [B, T, V] float32 logits. Other models go through their full logits.
+    """
+    kw = dict(deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})
+    if "segment_ids" in batch:  # packed rows (cgc_lora_jax/data/packing.py)
+        kw["segment_ids"] = batch["segment_ids"]
+    head = model.frozen_head(params) if hasattr(model, "frozen_head") else None
+    if head is not None:
+        hidden = model.apply({"params": params}, batch["input_ids"], None, batch["task_ids"],
+                             method=model.hidden_states, **kw)
+        return target_token_sums(hidden, head, batch["labels"])
+    logits = model.apply({"params": params}, batch["input_ids"], None, batch["task_ids"], **kw)
+    nll, mask = token_losses(logits, batch["labels"])
+    return nll.sum(axis=1), mask.sum(axis=1).astype(jnp.float32)
+
+
 def _forward_sums(model: nn.Module, params, batch, rng, deterministic: bool, num_tasks: int):
     """Summed token loss, and per-task summed loss and token counts, of one (micro-)batch."""
-    logits = model.apply(
-        {"params": params}, batch["input_ids"], None, batch["task_ids"],
-        deterministic=deterministic, rngs=None if deterministic else {"dropout": rng},
-    )
-    nll, mask = token_losses(logits, batch["labels"])
-    per_example = nll.sum(axis=1)
-    counts = mask.sum(axis=1).astype(jnp.float32)
-    return nll.sum(), (_per_task(per_example, batch["task_ids"], num_tasks), _per_task(counts, batch["task_ids"], num_tasks))
+    per_example, counts = example_sums(model, params, batch, rng, deterministic)
+    return per_example.sum(), (_per_task(per_example, batch["task_ids"], num_tasks), _per_task(counts, batch["task_ids"], num_tasks))
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule, num_tasks: int, grad_accum: int = 1):
