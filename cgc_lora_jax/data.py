@@ -6,7 +6,6 @@ written from these rows go straight to `cgc_lora_jax.scoring`:
 
     format       input   target   task            sample_id    answer_choices   task_type
     promptcblue  input   target   task_dataset    sample_id    answer_choices*  task_type*
-    demo         as promptcblue (cgc_lora_jax.demo_data writes it)
     firefly      input   target   kind            (file-line)  -                -
     jsonl        the `*_field` arguments name them (input, target, task required; only
                  this format reads them)
@@ -92,7 +91,6 @@ PROMPTCBLUE_FIELDS = FieldNames("input", "target", "task_dataset", "sample_id", 
 FORMATS: dict[str, FieldNames | None] = {
     "promptcblue": PROMPTCBLUE_FIELDS,
     "firefly": FieldNames("input", "target", "kind"),
-    "demo": PROMPTCBLUE_FIELDS,  # the built-in demo data (cgc_lora_jax.demo_data) is PromptCBLUE-shaped
     "jsonl": None,  # every field name comes from the arguments
 }
 

@@ -26,7 +26,7 @@ canonical_task, score_task), each in [0, 1]:
 
 Usage::
 
-    write_demo_dataset("workdir/data", seed=0)       # then read it with data_format="demo"
+    write_demo_dataset("workdir/data", seed=0)       # or data.generate="demo_zh" in a config
     score_task("ColourExtraction", ["颜色：红色，蓝色"], ["颜色：红色"])   # 0.666...
 
 The demo's tokenizer is `cgc_lora_jax.demo_tokenizer.DemoTokenizer`.
@@ -137,6 +137,9 @@ def write_demo_dataset(out_dir: str | os.PathLike, *, seed: int = 0,
         paths[split] = Path(out_dir) / f"{split}.json"
         write_records(records, paths[split])
     return paths
+
+
+write_dataset = write_demo_dataset  # the generated-dataset interface of cgc_lora_jax.demo
 
 
 def demo_alphabet() -> str:

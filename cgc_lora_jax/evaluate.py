@@ -69,10 +69,16 @@ class LoadedRun:
     train: Any = None  # the training split's records (a datasets.Dataset) when asked for
 
 
-def load_run(workdir: str | Path, split: str | None = None, with_train: bool = False) -> LoadedRun:
-    """Everything needed to generate for `split` (default: the run's eval.split)."""
+def load_run(workdir: str | Path, split: str | None = None, with_train: bool = False,
+             every_record: bool = False) -> LoadedRun:
+    """Everything needed to generate for `split` (default: the run's eval.split).
+
+    every_record: read all of the split, whatever data.max_eval_per_task (a submission file
+    needs every sample id)."""
     workdir = Path(workdir)
     cfg = load_run_config(workdir)
+    if every_record:
+        cfg.data.max_eval_per_task = 0
     split = split or cfg.eval.split
     adapters_dir = workdir / "adapters"
     if not (adapters_dir / "meta.json").is_file():
@@ -129,14 +135,15 @@ def generate_answers(model, params, prompts, rows, cfg, tokenizer, with_task_ids
 
 
 def benchmark_of(cfg) -> str:
-    return "demo" if cfg.data.format == "demo" else cfg.data.format
+    """The scorer: a generated dataset's own (named like it), else the data format's."""
+    return cfg.data.generate or cfg.data.format
 
 
 def split_file(cfg, workdir: str | Path, split: str) -> Path | None:
     """The split's file when its records are in the submission format (PromptCBLUE, demo)."""
     from cgc_lora_jax.trainer import data_folder
 
-    return data_folder(cfg, Path(workdir)) / f"{split}.json" if cfg.data.format in ("promptcblue", "demo") else None
+    return data_folder(cfg, Path(workdir)) / f"{split}.json" if cfg.data.format == "promptcblue" else None
 
 
 def submission_records(records: list[dict], answers: dict[int, str], source: Path | None = None) -> list[dict]:
@@ -178,6 +185,21 @@ def write_results(out_dir: str | Path, split: str, records: list[dict], answers:
     return scores
 
 
+def merged_answers(run: LoadedRun, bar=None) -> dict[int, str]:
+    """{row: answer} for every prompt of the run's split, per task with its experts merged."""
+    answers = {}
+    plain = run.base.model.clone(lora=None)
+    for task_id, task in enumerate(run.vocab.tasks):
+        rows = np.flatnonzero(run.prompts.task_ids == task_id)
+        if len(rows) == 0:
+            continue
+        if bar is not None:
+            bar.set_postfix(task=task)
+        merged = merge_task(run.params, task_id, run.lora)
+        answers.update(generate_answers(plain, merged, run.prompts, rows, run.cfg, run.base.tokenizer, False, bar))
+    return answers
+
+
 def evaluate_run(workdir: str | Path, split: str | None = None, fused: bool = False,
                  out_dir: str | Path | None = None) -> dict[str, float]:
     """Generate and score `split` (default: the run's eval.split) of a trained run; see above."""
@@ -188,15 +210,7 @@ def evaluate_run(workdir: str | Path, split: str | None = None, fused: bool = Fa
         answers = generate_answers(run.base.model, run.params, prompts, np.arange(len(records)), run.cfg,
                                    tokenizer, True, bar)
     else:
-        answers = {}
-        plain = run.base.model.clone(lora=None)
-        for task_id, task in enumerate(run.vocab.tasks):
-            rows = np.flatnonzero(prompts.task_ids == task_id)
-            if len(rows) == 0:
-                continue
-            bar.set_postfix(task=task)
-            merged = merge_task(run.params, task_id, run.lora)
-            answers.update(generate_answers(plain, merged, prompts, rows, run.cfg, tokenizer, False, bar))
+        answers = merged_answers(run, bar)
     bar.close()
     out_dir = Path(out_dir) if out_dir is not None else run.workdir
     return write_results(out_dir, run.split, records, answers, benchmark_of(run.cfg), out_dir.name,

@@ -1,6 +1,6 @@
 """A training run from a config: data, base model, sharded jit steps, logs, checkpoints, resume.
 
-    summary = train(load_config("demo"), workdir="runs/demo")
+    summary = train(load_config("demo_tiny"), workdir="runs/demo_tiny")
 
 The workdir holds config.json (the resolved config), task_vocab.json, metrics.jsonl,
 tensorboard/, checkpoints/<step>/ (orbax: adapters, gate, optimizer state, step, data position)
@@ -55,20 +55,29 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+def enable_compile_cache() -> Path:
+    """Keep this process's compiled programs in $CGC_LORA_JAX_CACHE/jax-compile (JAX's persistent
+    cache): a later run of the same shapes loads them instead of compiling, which on a small CPU
+    is a large part of a short run."""
+    from cgc_lora_jax.hub import cache_dir
+
+    folder = cache_dir() / "jax-compile"
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return folder
+
+
 def lora_config(cfg, num_tasks: int) -> CGCLoRAConfig:
     return CGCLoRAConfig(num_tasks=num_tasks, **cfg.lora.to_dict())
 
 
 def data_folder(cfg, workdir: Path) -> Path:
-    if cfg.data.format != "demo":
+    """data.path, or for a generated dataset (data.generate) the folder it is written into."""
+    if not cfg.data.generate:
         return Path(cfg.data.path)
-    from cgc_lora_jax.demo_data import write_demo_dataset
+    from cgc_lora_jax.demo import write_generated
 
-    folder = Path(cfg.data.path) if cfg.data.path else workdir / "data"
-    if not (folder / "train.json").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        write_demo_dataset(folder, seed=0)
-    return folder
+    return write_generated(cfg.data.generate, Path(cfg.data.path) if cfg.data.path else workdir / "data")
 
 
 def read_data(cfg, workdir: Path, splits=("train", "dev"), prediction_splits=()) -> tuple:
@@ -77,7 +86,7 @@ def read_data(cfg, workdir: Path, splits=("train", "dev"), prediction_splits=())
 
     vocab_file = workdir / VOCAB_FILE
     vocab = TaskVocab.load(vocab_file) if vocab_file.is_file() else None
-    data_format = "promptcblue" if cfg.data.format == "demo" else cfg.data.format
+    data_format = cfg.data.format
     caps = {"train": cfg.data.max_train_per_task or None, "dev": cfg.data.max_eval_per_task or None,
             "test": cfg.data.max_eval_per_task or None}
     extra = {}
@@ -96,7 +105,7 @@ def encode(cfg, split, base, vocab, for_prediction=False):
 
     return encode_split(split, base.tokenizer, family=base.family, vocab=vocab, max_source_len=cfg.data.max_source_len,
                         max_target_len=cfg.data.max_target_len, for_prediction=for_prediction,
-                        prompt_format=cfg.data.prompt_format)
+                        prompt_format=cfg.data.prompt_format, truncate_where=cfg.data.get("truncate", "end"))
 
 
 def _shard_batch(batch: dict, mesh) -> dict:
@@ -138,6 +147,8 @@ def train(cfg, workdir: str | Path) -> dict:
     from cgc_lora_jax.batching import BatchIterator
 
     maybe_initialize_distributed()
+    if cfg.train.compile_cache:
+        enable_compile_cache()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(to_json(cfg))

@@ -72,7 +72,7 @@ def test_targets_follow_from_inputs(records):
 def test_written_dataset_reads_back_with_targets(tmp_path, records):
     paths = write_demo_dataset(tmp_path / "data", seed=0)
     assert sorted(p.name for p in paths.values()) == ["dev.json", "test.json", "train.json"]
-    splits = load_splits(tmp_path / "data", data_format="demo")  # test.json keeps its targets
+    splits = load_splits(tmp_path / "data", data_format="promptcblue")  # test.json keeps its targets
     assert splits.vocab.tasks == tuple(sorted(TASK_NAMES))
     for split, dataset in splits.datasets.items():
         assert list(dataset["target"]) == [r["target"] for r in records[split]]

@@ -30,7 +30,7 @@ def run_dir(tmp_path_factory):
     which gives diverse answers.
     """
     workdir = tmp_path_factory.mktemp("runs") / "cgc_demo"
-    train(load_config("demo", TINY_RUN), workdir)
+    train(load_config("demo_tiny", TINY_RUN), workdir)
     adapters, meta = load_adapters(workdir / "adapters")
     rng = np.random.default_rng(0)
     std = {"A": 0.02, "B": 10.0}
@@ -86,9 +86,9 @@ def test_predictions_are_every_input_record_with_target_replaced(merged):
 def test_score_command_writes_what_score_files_returns(merged, tmp_path, capsys):
     pred, gold, out = merged / "predictions_test.jsonl", merged / "data" / "test.json", tmp_path / "s" / "SCORES.json"
     assert eval_cli.main(["score", "--pred", str(pred), "--gold", str(gold), "--out", str(out),
-                          "--benchmark", "demo"]) == 0
+                          "--benchmark", "demo_zh"]) == 0
     written = json.loads(out.read_text())
-    assert written == score_files(pred, gold, benchmark="demo")
+    assert written == score_files(pred, gold, benchmark="demo_zh")
     assert written == json.loads((merged / "scores_test.json").read_text())
     assert "Avg." in capsys.readouterr().out
 

@@ -22,7 +22,7 @@ TINY = ["train.batch_size=8", "train.steps=8", "train.lr=2e-2", "train.log_every
 
 
 def tiny_config(*overrides):
-    return load_config("demo", [*TINY, *overrides])
+    return load_config("demo_tiny", [*TINY, *overrides])
 
 
 def losses(workdir: Path) -> dict[int, float]:
@@ -61,7 +61,7 @@ def test_sharded_over_8_devices_gives_the_same_losses(tmp_path):
 def test_killed_run_resumes_to_the_same_losses(uninterrupted, tmp_path):
     overrides = [f"--config.{o}" for o in TINY + ["mesh.data=1"]]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", "demo", "--workdir", str(tmp_path),
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", "demo_tiny", "--workdir", str(tmp_path),
                              "--no-eval", *overrides], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (tmp_path / "checkpoints" / "4").is_dir():

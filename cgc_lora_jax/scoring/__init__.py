@@ -33,9 +33,11 @@ from typing import Any
 
 from cgc_lora_jax.scoring import firefly, promptcblue
 
-# Each module provides TASK_NAMES and score_task(task, golds, predictions, choices). The demo's
-# module imports the data readers, which import this package: it is looked up lazily.
-BENCHMARKS = {"promptcblue": promptcblue, "firefly": firefly, "demo": "cgc_lora_jax.demo_data"}
+# Each module provides TASK_NAMES and score_task(task, golds, predictions, choices). The generated
+# datasets' modules (cgc_lora_jax.demo) import the data readers, which import this package: they
+# are looked up lazily, by the name a config's data.generate gives them.
+BENCHMARKS = {"promptcblue": promptcblue, "firefly": firefly, "demo_en": "cgc_lora_jax.demo.english",
+              "demo_zh": "cgc_lora_jax.demo_data"}
 
 
 class ScoringError(ValueError):
