@@ -58,3 +58,30 @@ def test_finished_folders_are_skipped_and_summarised(tmp_path, capsys):
     assert row.split(" | ")[2] == f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
     assert (tmp_path / "table_dev.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads(out.strip().splitlines()[-1])["total_seconds"] == 0
+
+
+@pytest.mark.slow
+def test_every_row_end_to_end_on_the_offline_demo(tmp_path, capsys):
+    """All eight rows on demo_tiny (2 training steps, 2 dev records per task): each row/seed
+    folder has dev scores and test predictions for every test id; a rerun redoes nothing."""
+    args = ["--config", "demo_tiny", "--out", str(tmp_path), "--seeds", "2", "--icl-shots", "1",
+            "--hub-shots", "2", "--hub-budget", "3"]
+    for override in ("data.tasks=CategoryClassification,ColourExtraction,DigitsToChinese", "lora.num_common=3",
+                     "train.steps=2", "train.batch_size=6", "train.checkpoint_every=2", "train.eval_every=0",
+                     "data.max_eval_per_task=2", "eval.max_new_tokens=4", "mesh.data=1"):
+        args += ["--override", override]
+    paper_table.main(args)
+    test_ids = [json.loads(line)["sample_id"] for line in (tmp_path / "cgc_lora" / "seed0" / "data" / "test.json")
+                .read_text().splitlines()]
+    assert len(test_ids) == 96
+    for row in paper_table.ROWS:
+        for seed in ([0, 1] if row in paper_table.MULTI_SEED_ROWS else [0]):
+            folder = tmp_path / row / f"seed{seed}"
+            assert json.loads((folder / "scores_dev.json").read_text())["average"] >= 0
+            predicted = [json.loads(line)["sample_id"] for line in (folder / "predictions_test.jsonl").read_text().splitlines()]
+            assert sorted(predicted) == sorted(test_ids)
+    first = capsys.readouterr().out
+    paper_table.main(args)
+    again = capsys.readouterr().out
+    assert again.count("done, skipped") == 10 and "| CGC-LoRA | 2 |" in first
+    assert json.loads(again.strip().splitlines()[-1])["seconds"] == {}

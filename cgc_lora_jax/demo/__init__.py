@@ -15,13 +15,44 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+import numpy as np
 
 GENERATED = {  # name -> module with write_dataset(out_dir, seed), TASK_NAMES, score_task
     "demo_en": "cgc_lora_jax.demo.english",
     "demo_zh": "cgc_lora_jax.demo_data",
 }
 DATA_SEED = 0  # the generated data is fixed; train.seed varies training, not the data
+
+
+def generate_splits(tasks: Sequence[str], example: Callable[[str, np.random.Generator], dict],
+                    sizes: Mapping[str, int], seed: int) -> dict[str, list[dict]]:
+    """{split: records}: sizes[split] records of every task, each split shuffled across tasks.
+
+    example(task, rng) draws one record (PromptCBLUE fields but sample_id); task k draws from
+    numpy.random.default_rng([seed, k]) and an input never repeats within a task, so dev and
+    test inputs are unseen in training. Sample ids are "<split>-<n>" in the shuffled order.
+    """
+    splits: dict[str, list[dict]] = {split: [] for split in sizes}
+    for k, task in enumerate(tasks):
+        rng = np.random.default_rng([seed, k])
+        seen: set[str] = set()
+        for split, size in sizes.items():
+            for _ in range(size):
+                for _attempt in range(1000):
+                    record = example(task, rng)
+                    if record["input"] not in seen:
+                        break
+                else:
+                    raise ValueError(f"{task} has too few distinct inputs for sizes {dict(sizes)}")
+                seen.add(record["input"])
+                splits[split].append(record)
+    for i, (split, rows) in enumerate(splits.items()):
+        order = np.random.default_rng([seed, len(tasks), i]).permutation(len(rows))
+        splits[split] = [dict(rows[j], sample_id=f"{split}-{n}") for n, j in enumerate(order)]
+    return splits
 
 
 def generated_module(name: str):

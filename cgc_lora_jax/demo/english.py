@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from cgc_lora_jax.data import write_records
+from cgc_lora_jax.demo import generate_splits
 
 NAMES = ("Tom", "Maria", "Anna", "James", "Lucy", "Omar", "Chen", "Sofia", "David", "Emma", "Yuki",
          "Peter", "Laura", "Ahmed", "Nina", "Carlos")
@@ -113,29 +114,15 @@ _GENERATORS = {"CityExtraction": _city_example, "ReviewSentiment": _review_examp
                "Antonym": _antonym_example}
 
 
+def _record(task: str, rng: np.random.Generator) -> dict:
+    sentence, target, choices = _GENERATORS[task](rng)
+    return {"input": PROMPTS[task].format(sentence), "target": target, "answer_choices": choices,
+            "task_type": TASK_TYPES[task], "task_dataset": task}
+
+
 def records(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, list[dict]]:
     """{split: records} with sizes[split] records of every task, shuffled across tasks."""
-    sizes = dict(SPLIT_SIZES if sizes is None else sizes)
-    splits: dict[str, list[dict]] = {split: [] for split in sizes}
-    for k, task in enumerate(TASK_NAMES):
-        rng = np.random.default_rng([seed, k])
-        seen: set[str] = set()
-        for split, size in sizes.items():
-            for _ in range(size):
-                for _attempt in range(1000):
-                    sentence, target, choices = _GENERATORS[task](rng)
-                    if sentence not in seen:
-                        break
-                else:
-                    raise ValueError(f"{task} has too few distinct sentences for sizes {sizes}")
-                seen.add(sentence)
-                splits[split].append({"input": PROMPTS[task].format(sentence), "target": target,
-                                      "answer_choices": choices, "task_type": TASK_TYPES[task],
-                                      "task_dataset": task})
-    for i, (split, rows) in enumerate(splits.items()):
-        order = np.random.default_rng([seed, len(TASK_NAMES), i]).permutation(len(rows))
-        splits[split] = [dict(rows[j], sample_id=f"{split}-{n}") for n, j in enumerate(order)]
-    return splits
+    return generate_splits(TASK_NAMES, _record, SPLIT_SIZES if sizes is None else sizes, seed)
 
 
 def write_dataset(out_dir: str | os.PathLike, *, seed: int = 0,
