@@ -107,8 +107,8 @@ def run_row(row: str, seed: int, folder: Path, args, num_tasks: int) -> None:
     from cgc_lora_jax.lorahub import run_lorahub
     from cgc_lora_jax.trainer import train
 
-    base_seed = load_config(args.config).train.seed
-    common = [f"train.seed={base_seed + seed}", *args.override]
+    configured = load_config(args.config, args.override)
+    common = [*args.override, f"train.seed={configured.train.seed + seed}"]
     if row == "icl":
         cfg = load_config(args.config, common)
         with cfg.unlocked():
@@ -124,8 +124,7 @@ def run_row(row: str, seed: int, folder: Path, args, num_tasks: int) -> None:
         run_lorahub(source, folder, shots=args.hub_shots, budget=args.hub_budget, split="test", seed=seed,
                     every_record=True)
         return
-    lora = load_config(args.config).lora
-    cfg = load_config(args.config, [*row_overrides(row, lora, num_tasks), *common])
+    cfg = load_config(args.config, [*common, *row_overrides(row, configured.lora, num_tasks)])
     train(cfg, folder)
     answer_dev_and_test(folder)
 
