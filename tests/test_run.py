@@ -11,6 +11,7 @@ from flax import traverse_util
 
 from cgc_lora_jax.config import load_config
 from cgc_lora_jax.data.task_vocab import TaskVocab
+from cgc_lora_jax.models.family import FAMILIES, with_default_targets
 from cgc_lora_jax.params import split_params
 from cgc_lora_jax.run import (VOCAB_FILE, BaseMismatchError, attach_adapters, data_folder, fingerprint_base, load_base,
                               load_frozen_base, lora_config, read_data, save_adapters)
@@ -73,7 +74,9 @@ def test_adapters_attach_only_to_their_base(tmp_path):
     save_adapters(tmp_path / "adapters", jax.device_get(adapters), json.loads(json.dumps(meta, default=list)))
     plain = load_frozen_base("builtin:tiny-chatglm")
     attached = attach_adapters(plain, tmp_path)
-    assert attached.vocab.tasks == ("a", "b", "c") and attached.lora == lora
+    # an empty lora.targets resolves to the family's default (the paper's four ChatGLM layers)
+    assert attached.vocab.tasks == ("a", "b", "c") and attached.lora == with_default_targets(FAMILIES["chatglm"], lora)
+    assert attached.lora.targets == r"(query_key_value|dense|dense_h_to_4h|dense_4h_to_h)$"
     flat = traverse_util.flatten_dict(split_params(attached.params)[1])
     for path, leaf in traverse_util.flatten_dict(adapters).items():
         np.testing.assert_array_equal(flat[path], leaf)
