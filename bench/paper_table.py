@@ -1,31 +1,45 @@
-"""The paper's results table (Table III / IV shape) at demo scale, on this CPU: every row trained,
-evaluated with the same evaluation, and printed side by side.
+"""The paper's Tables III and V on a config's data: every row trained (or prompted), answered on dev
+and test, scored on dev by the official rules, and printed as mean +- std over seeds.
 
-Rows (the demo config with overrides; the adapted rows keep the demo CGC-LoRA's total rank
-r = N_c r_c + M r_s = 4 * 4 + 3 * 4 = 28, as the paper compares at equal trainable count):
+    python bench/paper_table.py --config med8 --out runs/table [--quick] [--seeds 3] [--rows cgc_lora,lora_full]
 
-    CGC-LoRA         the demo config: 4 common experts of rank 4, one rank-4 expert per task, shared gate
-    LoRA Full        one rank-28 LoRA on all tasks (num_common=1, common_rank=28, specific_rank=0, uniform)
-    LoRA Single      one rank-9 LoRA per task (num_common=0, specific_rank=9: 27), nothing shared
-    MOE-LoRA         7 common experts of rank 4 mixed by the task gate, no specific experts
-    w/o gate         CGC-LoRA with uniform expert weights
-    multiple gates   CGC-LoRA with a gate per adapted layer
-    LoRAHub          LoRA Single's per-task LoRAs composed per target task (5 shots, NGOpt budget 40)
-    In-context       the base model alone, 3 solved examples of the task in the prompt
+Rows, all at the config's total rank r = N_c r_c + M r_s (med8: 4 * 2 + 8 * 1 = 16), as the paper
+compares at equal trainable size:
 
-Each trained row runs `--steps` steps (default 250, peak learning rate 1e-2, 10 warmup steps) and
-is evaluated merged per task on the 96 demo test prompts. The demo base is a tiny random model, so the numbers show the machinery (the
-same eval for every row), not the method's quality on real tasks. Prints the table, then one JSON
-line with the averages and each row's seconds.
+    icl              In-context: the base alone, --icl-shots solved training examples of the task in
+                     the prompt (our stand-in for the paper's ChatGPT row); prompts get twice the
+                     config's prompt budget so that the examples fit
+    lora_full        one rank-r LoRA on all tasks
+    lora_single      one LoRA per task, rank r / M each, nothing shared
+    lorahub          lora_single's per-task LoRAs composed per task (--hub-shots, NGOpt --hub-budget)
+    moelora          r / r_c common experts of rank r_c mixed by the task gate, no specific experts
+    cgc_lora         the config itself: common experts, one specific expert per task, shared gate
+    no_gate          CGC-LoRA with uniform expert weights (paper 5.6)
+    per_layer_gates  CGC-LoRA with one gate per adapted layer ("multiple gates", 5.7)
 
-    python bench/paper_table.py [--steps 250] [--root runs/paper_table] [--rows cgc_lora,lora_single,lorahub]
+Each row and seed k lives in OUT/<row>/seed<k>/: the training run (config, checkpoints, adapters),
+predictions_dev.jsonl and scores_dev.json (the official rules on dev, capped at the config's
+data.max_eval_per_task per task), predictions_test.jsonl (every test sample id, the submission
+format; test has no targets) and done.json. A folder with done.json is skipped, and an
+interrupted training run resumes from its checkpoint, so the same command finishes a partial
+table. Seeds: seed k trains with train.seed = config seed + k (adapter init, data order,
+dropout); the in-context row draws its examples with seed k.
+
+--quick: rows icl, lora_full, cgc_lora, one seed. --seeds K: K seeds for cgc_lora and lora_full
+(the rows whose difference the paper claims), min(K, --other-seeds) for the rest.
+
+Prints the table (percent, mean +- std over seeds per task and average; std is the sample std,
+0 for one seed), writes OUT/table_dev.md, OUT/table_dev.png and OUT/table.json, and ends with one
+JSON line of the averages and each row's seconds. Choose hyperparameters on dev only: this script
+never scores test.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,74 +47,170 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cgc_lora_jax.config import load_config  # noqa: E402
-from cgc_lora_jax.evaluation.evaluate import evaluate_run  # noqa: E402
-from cgc_lora_jax.evaluation.icl import run_icl  # noqa: E402
-from cgc_lora_jax.evaluation.lorahub import run_lorahub  # noqa: E402
 from cgc_lora_jax.evaluation.report import markdown_table, plot_comparison, read_scores  # noqa: E402
-from cgc_lora_jax.training.loop import train  # noqa: E402
 
-TRAINED_ROWS = {  # folder: (row name, lora overrides on the demo config)
-    "cgc_lora": ("CGC-LoRA", []),
-    "lora_full": ("LoRA Full", ["lora.num_common=1", "lora.common_rank=28", "lora.specific_rank=0", "lora.gate=uniform"]),
-    "lora_single": ("LoRA Single", ["lora.num_common=0", "lora.common_rank=0", "lora.specific_rank=9", "lora.gate=uniform"]),
-    "moe_lora": ("MOE-LoRA", ["lora.num_common=7", "lora.common_rank=4", "lora.specific_rank=0"]),
-    "no_gate": ("w/o gate", ["lora.gate=uniform"]),
-    "per_layer_gates": ("multiple gates", ["lora.gate=per_layer"]),
-}
-ROW_ORDER = ("icl", "lora_full", "lora_single", "lorahub", "moe_lora", "no_gate", "per_layer_gates", "cgc_lora")
-ROW_NAMES = {**{k: v[0] for k, v in TRAINED_ROWS.items()}, "lorahub": "LoRAHub", "icl": "In-context"}
+ROWS = ("icl", "lora_full", "lora_single", "lorahub", "moelora", "cgc_lora", "no_gate", "per_layer_gates")
+ROW_NAMES = {"icl": "In-context", "lora_full": "LoRA Full", "lora_single": "LoRA Single", "lorahub": "LoRAHub",
+             "moelora": "MOE-LoRA", "cgc_lora": "CGC-LoRA", "no_gate": "w/o gate", "per_layer_gates": "multiple gates"}
+QUICK_ROWS = ("icl", "lora_full", "cgc_lora")
+MULTI_SEED_ROWS = ("cgc_lora", "lora_full")
+DONE = "done.json"
 
 
-def train_overrides(steps: int) -> list[str]:
-    return [f"train.steps={steps}", f"train.checkpoint_every={steps}", f"train.eval_every={steps}",
-            "train.warmup_steps=10", "train.lr=1e-2", "mesh.data=1", "eval.max_new_tokens=16"]
+def row_overrides(row: str, lora, num_tasks: int) -> list[str]:
+    """Config overrides giving `row` the same total rank as the config's CGC-LoRA."""
+    rank = lora.num_common * lora.common_rank + num_tasks * lora.specific_rank
+    if row == "lora_full":
+        return ["lora.num_common=1", f"lora.common_rank={rank}", "lora.specific_rank=0", "lora.gate=uniform"]
+    if row in ("lora_single", "lorahub"):
+        if rank % num_tasks:
+            raise ValueError(f"total rank {rank} does not split into {num_tasks} equal per-task LoRAs")
+        return ["lora.num_common=0", "lora.common_rank=0", f"lora.specific_rank={rank // num_tasks}", "lora.gate=uniform"]
+    if row == "moelora":
+        if rank % lora.common_rank:
+            raise ValueError(f"total rank {rank} is not a whole number of rank-{lora.common_rank} experts")
+        return [f"lora.num_common={rank // lora.common_rank}", "lora.specific_rank=0"]
+    return {"cgc_lora": [], "no_gate": ["lora.gate=uniform"], "per_layer_gates": ["lora.gate=per_layer"]}[row]
 
 
-def run_row(key: str, root: Path, args) -> None:
-    if key in TRAINED_ROWS:
-        workdir = root / key
-        train(load_config("demo", train_overrides(args.steps) + TRAINED_ROWS[key][1]), workdir)
-        evaluate_run(workdir)
-    elif key == "lorahub":
-        if not (root / "lora_single" / "adapters").is_dir():
-            raise SystemExit("the LoRAHub row needs the lora_single row: add it to --rows")
-        run_lorahub(root / "lora_single", root / "lorahub", shots=args.shots, budget=args.budget)
-    elif key == "icl":
-        cfg = load_config("demo", ["data.max_source_len=224", "eval.max_new_tokens=16", "eval.batch_size=32"])
-        run_icl(cfg, root / "icl", shots=args.icl_shots)
+def answer_dev_and_test(workdir: Path) -> None:
+    """Merged-per-task answers of a trained run: dev scored, test (every record) predicted."""
+    from cgc_lora_jax.evaluation.evaluate import benchmark_of, load_run, merged_answers, split_file, write_results
+
+    run = load_run(workdir, "dev")
+    write_results(workdir, "dev", run.records, merged_answers(run), benchmark_of(run.cfg.data), workdir.parent.name,
+                  split_file(run.cfg.data, workdir, "dev"))
+    test = test_view(run)
+    write_results(workdir, "test", test.records, merged_answers(test), benchmark_of(run.cfg.data), workdir.parent.name,
+                  split_file(run.cfg.data, workdir, "test"))
 
 
-def main() -> None:
+def uncapped(cfg):
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.data.max_eval_per_task = 0
+    return cfg
+
+
+def test_view(run):
+    """The loaded run with its split swapped for the whole test file (the submission needs every id)."""
+    from cgc_lora_jax.run import encode, read_data
+
+    splits, _ = read_data(uncapped(run.cfg), run.workdir, splits=("test",), prediction_splits=("test",))
+    records = list(splits.datasets["test"])
+    return dataclasses.replace(run, split="test", records=records,
+                               prompts=encode(run.cfg.data, records, run.base, run.vocab, for_prediction=True))
+
+
+def run_row(row: str, seed: int, folder: Path, args, num_tasks: int) -> None:
+    from cgc_lora_jax.evaluation.icl import run_icl
+    from cgc_lora_jax.evaluation.lorahub import run_lorahub
+    from cgc_lora_jax.training.loop import train
+
+    configured = load_config(args.config, args.override)
+    common = [*args.override, f"train.seed={configured.train.seed + seed}"]
+    if row == "icl":
+        cfg = load_config(args.config, common)
+        with cfg.unlocked():
+            cfg.data.max_source_len *= 2
+        run_icl(cfg, folder, shots=args.icl_shots, seed=seed, split="dev")
+        run_icl(uncapped(cfg), folder, shots=args.icl_shots, seed=seed, split="test")
+        return
+    if row == "lorahub":
+        source = folder.parents[1] / "lora_single" / f"seed{seed}"
+        if not (source / DONE).is_file():
+            raise SystemExit(f"the lorahub row needs {source} (the lora_single row of seed {seed}) first")
+        run_lorahub(source, folder, shots=args.hub_shots, budget=args.hub_budget, split="dev", seed=seed)
+        run_lorahub(source, folder, shots=args.hub_shots, budget=args.hub_budget, split="test", seed=seed,
+                    every_record=True)
+        return
+    cfg = load_config(args.config, [*common, *row_overrides(row, configured.lora, num_tasks)])
+    train(cfg, folder)
+    answer_dev_and_test(folder)
+
+
+def seeds_of(row: str, args) -> range:
+    return range(args.seeds if row in MULTI_SEED_ROWS else min(args.seeds, args.other_seeds))
+
+
+def summarise(out: Path, rows: list[str], args) -> dict:
+    """{row name: {task: [dev score per seed]}} of the finished folders."""
+    table = {}
+    for row in rows:
+        runs = [out / row / f"seed{s}" for s in seeds_of(row, args) if (out / row / f"seed{s}" / DONE).is_file()]
+        if not runs:
+            continue
+        per_seed = [read_scores(r, "dev") for r in runs]
+        table[ROW_NAMES[row]] = {task: [s[task] for s in per_seed] for task in per_seed[0]}
+    return table
+
+
+def mean_std_table(table: dict) -> str:
+    tasks = [t for t in next(iter(table.values())) if t != "average"] + ["average"]
+    lines = ["| row | seeds | " + " | ".join(tasks[:-1]) + " | Avg. |", "|---" * (len(tasks) + 2) + "|"]
+    for name, scores in table.items():
+        cells = []
+        for task in tasks:
+            values = [100 * v for v in scores[task]]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.2f} ± {std:.2f}")
+        lines.append(f"| {name} | {len(scores['average'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=250, help="training steps of every trained row")
-    parser.add_argument("--root", default="runs/paper_table", help="folder of the rows' runs (rows are redone)")
-    parser.add_argument("--rows", default=",".join(ROW_ORDER), help=f"comma-separated subset of {','.join(ROW_ORDER)}")
-    parser.add_argument("--shots", type=int, default=5, help="LoRAHub few-shot examples")
-    parser.add_argument("--budget", type=int, default=40, help="LoRAHub gradient-free evaluations")
-    parser.add_argument("--icl-shots", type=int, default=3, help="in-context examples per prompt")
-    args = parser.parse_args()
-    keys = [k.strip() for k in args.rows.split(",") if k.strip()]
-    unknown = sorted(set(keys) - set(ROW_ORDER))
+    parser.add_argument("--config", default="med8", help="the CGC-LoRA config every row starts from")
+    parser.add_argument("--out", required=True, help="table folder (finished row/seed folders are skipped)")
+    parser.add_argument("--quick", action="store_true", help=f"rows {','.join(QUICK_ROWS)}, one seed")
+    parser.add_argument("--seeds", type=int, default=3, help=f"seeds of {' and '.join(MULTI_SEED_ROWS)}")
+    parser.add_argument("--other-seeds", type=int, default=1, help="at most this many seeds for the other rows")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    parser.add_argument("--icl-shots", type=int, default=2, help="in-context examples per prompt")
+    parser.add_argument("--hub-shots", type=int, default=5, help="LoRAHub few-shot examples per task")
+    parser.add_argument("--hub-budget", type=int, default=40, help="LoRAHub gradient-free evaluations per task")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every row, e.g. --override train.steps=100 (repeatable)")
+    args = parser.parse_args(argv)
+    rows = list(QUICK_ROWS) if args.quick else [r.strip() for r in args.rows.split(",") if r.strip()]
+    if args.quick:
+        args.seeds = 1
+    unknown = sorted(set(rows) - set(ROWS))
     if unknown:
-        parser.error(f"unknown rows {unknown}; choose from {','.join(ROW_ORDER)}")
-    keys = sorted(keys, key=lambda k: (k == "lorahub", ROW_ORDER.index(k)))  # LoRAHub after LoRA Single
-    root = Path(args.root)
+        parser.error(f"unknown rows {unknown}; choose from {','.join(ROWS)}")
+    if "lorahub" in rows and "lora_single" not in rows:
+        rows.append("lora_single")
+    rows.sort(key=lambda r: (r == "lorahub", ROWS.index(r)))  # LoRAHub after LoRA Single
+    cfg = load_config(args.config, args.override)
+    num_tasks = len(cfg.data.tasks)
+    if not num_tasks:
+        parser.error(f"config {args.config!r} lists no data.tasks: the rows' equal total rank needs the task count")
+    out = Path(args.out)
     seconds = {}
-    for key in keys:
-        shutil.rmtree(root / key, ignore_errors=True)
-        start = time.perf_counter()
-        run_row(key, root, args)
-        seconds[key] = round(time.perf_counter() - start, 1)
-        print(f"{ROW_NAMES[key]}: {seconds[key]} s", flush=True)
+    for row in rows:
+        for seed in seeds_of(row, args):
+            folder = out / row / f"seed{seed}"
+            if (folder / DONE).is_file():
+                print(f"{row}/seed{seed}: done, skipped", flush=True)
+                continue
+            start = time.perf_counter()
+            run_row(row, seed, folder, args, num_tasks)
+            took = round(time.perf_counter() - start, 1)
+            (folder / DONE).write_text(json.dumps({"row": row, "seed": seed, "seconds": took}) + "\n")
+            seconds[f"{row}/seed{seed}"] = took
+            print(f"{ROW_NAMES[row]} seed {seed}: {took} s", flush=True)
 
-    rows = {ROW_NAMES[k]: read_scores(root / k, "test") for k in ROW_ORDER if k in seconds}
+    table = summarise(out, rows, args)
+    text = mean_std_table(table)
     print()
-    print(markdown_table(rows))
-    chart = plot_comparison(rows, root / "paper_table.png", f"demo scale, {args.steps} steps")
+    print(text)
+    (out / "table_dev.md").write_text(text, encoding="utf-8")
+    means = {name: {t: statistics.mean(v) for t, v in scores.items()} for name, scores in table.items()}
+    chart = plot_comparison(means, out / "table_dev.png", f"{args.config}, dev, mean over seeds")
+    (out / "table.json").write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"chart: {chart}")
-    print(json.dumps({"averages": {name: round(100 * s["average"], 2) for name, s in rows.items()},
-                      "seconds": {ROW_NAMES[k]: v for k, v in seconds.items()}, "steps": args.steps,
-                      "total_seconds": round(sum(seconds.values()), 1)}))
+    print(json.dumps({"config": args.config, "averages": {n: round(100 * m["average"], 2) for n, m in means.items()},
+                      "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1)}))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from cgc_lora_jax.data.task_vocab import TaskVocab
+from cgc_lora_jax.demo import english
 from cgc_lora_jax.demo.dataset import write_demo_dataset
 from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.params import is_adapter_path, join_params, split_params
@@ -50,7 +51,10 @@ BUILTIN_PREFIX = "builtin:"  # base "path" of a built-in base, e.g. builtin:tiny
 BUILTIN_SEED = 0
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MIB = 1 << 20
-GENERATED_DATASETS = {"demo": write_demo_dataset}  # data.format -> writer of a dataset made on first use
+GENERATED_DATASETS = {  # data.format -> writer of a dataset made on first use
+    "demo": write_demo_dataset,  # short Chinese tasks for the tiny random base (configs/demo_tiny.py)
+    "demo_en": english.write_dataset,  # English reading tasks for the real base (configs/demo.py)
+}
 OBTAIN_CHATGLM = (
     "Download THUDM/chatglm-6b (or chatglm2-6b / chatglm3-6b) from the Hugging Face Hub on a machine "
     "with network access, e.g. `huggingface-cli download THUDM/chatglm-6b --local-dir checkpoints/chatglm-6b`, "
@@ -86,7 +90,7 @@ def lora_config(lora_cfg, num_tasks: int) -> CGCLoRAConfig:
 
 
 def data_folder(data_cfg, workdir: Path) -> Path:
-    """data.path; a generated dataset (data.format "demo") is written on first use into
+    """data.path; a generated dataset (data.format "demo" or "demo_en") is written on first use into
     data.path, or WORKDIR/data when data.path is empty."""
     generate = GENERATED_DATASETS.get(data_cfg.format)
     if generate is None:
@@ -124,7 +128,8 @@ def encode(data_cfg, records, base, vocab, for_prediction=False):
 
     return encode_split(records, base.tokenizer, family=base.family, vocab=vocab, max_source_len=data_cfg.max_source_len,
                         max_target_len=data_cfg.max_target_len, for_prediction=for_prediction,
-                        prompt_format=data_cfg.prompt_format)
+                        prompt_format=data_cfg.prompt_format,
+                        truncate_where=data_cfg.get("truncate", "end"))
 
 
 # --- the frozen base ------------------------------------------------------------------------

@@ -30,13 +30,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.targets = ""  # regex on layer paths; "": the family's default (ChatGLM: the paper's, Llama/Qwen2: all block linears)
 
     c.data = ml_collections.ConfigDict()
-    c.data.format = "promptcblue"  # promptcblue | firefly | jsonl | demo: the reader and the scorer
+    c.data.format = "promptcblue"  # promptcblue | firefly | jsonl | demo | demo_en: the reader and the scorer (demo*: generated on first use)
     c.data.path = "data/PromptCBLUE"  # folder with train.json, dev.json, test.json
     c.data.tasks = PAPER_TASKS  # task subset, in task-ID order (empty: every task in train.json)
     c.data.clusters = ""  # 1+N: "name1:TaskA,TaskB;name2:TaskC" for `python -m cgc_lora_jax clusters train`
     c.data.max_train_per_task = 0  # cap on training samples per task (0: no cap)
     c.data.max_eval_per_task = 0  # cap on dev/test samples per task (0: no cap)
     c.data.max_source_len = 1024  # prompt tokens kept (longer prompts are truncated and counted)
+    c.data.truncate = "end"  # end | middle: where a long prompt is cut (middle keeps its head and its answer cue)
     c.data.max_target_len = 196  # target tokens kept (longer targets are truncated and counted)
     c.data.on_error = "error"  # error | skip: what a malformed record does (skips are counted)
     c.data.input_field = "input"  # jsonl format: the prompt field
@@ -60,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.eval_batches = 8  # batches of dev.json per validation
     c.train.checkpoint_every = 500  # steps between checkpoints
     c.train.keep_checkpoints = 3  # checkpoints kept in the workdir
+    c.train.compile_cache = False  # keep compiled steps in $CGC_LORA_JAX_CACHE/jax-compile, so a rerun skips compiling
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel axis size (-1: the devices left over)
@@ -71,4 +73,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 196  # generation length cap per answer
     c.eval.batch_size = 16  # prompts per generation batch
     c.eval.after_training = False  # train.py evaluates eval.split when training ends (--no-eval skips it)
+    c.eval.compare_base = False  # with after_training: also answer with the base alone, side by side (evaluation/compare.py)
     return c

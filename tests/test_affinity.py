@@ -132,7 +132,7 @@ def test_partition_search_matches_brute_force():
 
 
 def test_command_on_the_demo_prints_matrix_heatmap_and_clusters(tmp_path, capsys):
-    assert affinity_cli.main(["--config", "demo", "--k", "2", "--steps", "1", "--batch-per-task", "2",
+    assert affinity_cli.main(["--config", "demo_tiny", "--k", "2", "--steps", "1", "--batch-per-task", "2",
                          "--workdir", str(tmp_path), "--config.data.pad_multiple=128"]) == 0
     out = capsys.readouterr().out
     saved = json.loads((tmp_path / "affinity.json").read_text())

@@ -38,7 +38,7 @@ class Saved:
     saved at the data positions of steps 4 and 8, as the trainer saves them."""
 
     def __init__(self, workdir: Path):
-        self.workdir, self.cfg = workdir, load_config("demo", RUN)
+        self.workdir, self.cfg = workdir, load_config("demo_tiny", RUN)
         splits, vocab = read_data(self.cfg, workdir)
         vocab.save(workdir / "task_vocab.json")
         (workdir / "config.json").write_text("{}\n")
@@ -122,16 +122,16 @@ def test_no_readable_step_is_a_named_error_that_renames_nothing(saved, run):
 def test_an_adapter_shape_that_no_longer_matches_is_a_named_error(saved, run):
     with pytest.raises(RunConfigMismatchError, match=r"checkpoints/8 was saved with other settings than this run's.*"
                                                      r"lora\.common_rank = 4 there, 2 now; train\.lr = 0\.02 there, 0\.5 now"):
-        saved.restore(run, load_config("demo", [*RUN, "lora.common_rank=2", "train.lr=0.5"]).to_dict())
+        saved.restore(run, load_config("demo_tiny", [*RUN, "lora.common_rank=2", "train.lr=0.5"]).to_dict())
     # How long to train and how often to log or save may change on resume.
-    later = load_config("demo", [*RUN, "train.steps=80", "train.log_every=4", "train.keep_checkpoints=5"])
+    later = load_config("demo_tiny", [*RUN, "train.steps=80", "train.log_every=4", "train.keep_checkpoints=5"])
     assert saved.restore(run, later.to_dict())[1]["step"] == 8
 
 
 def test_a_checkpoint_of_another_adapter_layout_is_a_named_error(saved, run):
     """Step 8's state replaced by a state of 2 common experts, its meta (this run's config) kept:
     what copying checkpoints between runs of different CGC-LoRA layouts produces."""
-    cfg = load_config("demo", [*RUN, "lora.num_common=2"])
+    cfg = load_config("demo_tiny", [*RUN, "lora.num_common=2"])
     base = load_base(cfg.model, lora=lora_config(cfg.lora, 3))
     other = RunCheckpoints(run / "other", 1, base.info)
     other.save(8, TrainState.create(split_params(base.params)[1], make_optimizer(cfg.train)[0], 0), {})
@@ -148,14 +148,14 @@ def test_a_refused_resume_names_the_edit_and_keeps_the_run_as_it_was(saved, run)
     """The trainer's order: checks first, then config.json and metrics.jsonl are touched."""
     (run / "metrics.jsonl").write_text('{"step": 9, "loss": 1.0}\n')
     with pytest.raises(RunConfigMismatchError, match=r"train\.batch_size = 8 there, 4 now"):
-        train(load_config("demo", [*RUN, "train.batch_size=4"]), run)
+        train(load_config("demo_tiny", [*RUN, "train.batch_size=4"]), run)
     assert (run / "config.json").read_text() == "{}\n" and "step\": 9" in (run / "metrics.jsonl").read_text()
     # Training data that changed under the checkpoint: its saved position no longer fits.
     train_file = run / "data" / "train.json"
     train_file.write_text("".join(train_file.read_text().splitlines(keepends=True)[:-8]))
     with pytest.raises(RunConfigMismatchError, match=r"checkpoints/8 was saved at a position in other training "
                                                      r"data than .*train.json holds now"):
-        train(load_config("demo", RUN), run)
+        train(load_config("demo_tiny", RUN), run)
     assert (run / "config.json").read_text() == "{}\n"
 
 

@@ -37,7 +37,7 @@ def test_parse_and_format_clusters():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("one_plus_n")
-    assert clusters_cli.main(["train", "--config", "demo", "--clusters", format_clusters(CLUSTERS),
+    assert clusters_cli.main(["train", "--config", "demo_tiny", "--clusters", format_clusters(CLUSTERS),
                               "--workdir", str(workdir), *(f"--config.{o}" for o in TINY)]) == 0
     return workdir
 

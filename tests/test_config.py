@@ -10,7 +10,7 @@ BASELINES = {"lora_full", "lora_single", "moelora", "no_gate", "per_layer_gates"
 
 
 def test_named_configs_exist_and_baselines_keep_the_total_rank():
-    assert {"promptcblue", "firefly", "demo"} | BASELINES <= set(available_configs())
+    assert {"promptcblue", "firefly", "demo", "demo_tiny", "med8"} | BASELINES <= set(available_configs())
     paper = load_config("promptcblue")
     total = lambda c: c.lora.num_common * c.lora.common_rank + len(c.data.tasks) * c.lora.specific_rank
     assert (paper.lora.num_common, paper.lora.common_rank, paper.lora.gate) == (8, 2, "shared")

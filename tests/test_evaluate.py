@@ -30,7 +30,7 @@ def run_dir(tmp_path_factory):
     which gives diverse answers.
     """
     workdir = tmp_path_factory.mktemp("runs") / "cgc_demo"
-    train(load_config("demo", TINY_RUN), workdir)
+    train(load_config("demo_tiny", TINY_RUN), workdir)
     adapters, meta = load_adapters(workdir / "adapters")
     rng = np.random.default_rng(0)
     std = {"A": 0.02, "B": 10.0}

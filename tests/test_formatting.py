@@ -184,3 +184,36 @@ def test_layout_names_and_unknown_family():
         "glm_v1", "glm_v2", "glm_v2", "bos_eos", "bos_eos"]
     with pytest.raises(ValueError, match="no prompt format for model family 'gpt2'"):
         PromptFormat.for_tokenizer("gpt2", None)
+
+
+def test_truncate_middle_keeps_the_head_and_the_end():
+    prompt = list(range(100))
+    kept, target, cut = truncate(prompt, [7, 8], 21, 6, where="middle")
+    # budget 20: the first 20 // 4 = 5 ids, then the last 15
+    assert kept == [0, 1, 2, 3, 4] + list(range(85, 100)) and target == [7, 8] and cut == ["source"]
+    assert truncate(list(range(20)), [1], 21, 6, where="middle")[0] == list(range(20))  # fits: untouched
+    with pytest.raises(ValueError, match="data.truncate"):
+        truncate(prompt, [1], 21, 6, where="start")
+
+
+def test_middle_truncation_keeps_the_options_and_answer_cue(chatglm):
+    """A PromptCBLUE prompt whose middle (the record) is long: cut from the end it loses its
+    options and answer cue; cut from the middle it keeps the instruction, options and cue."""
+    family, tok = chatglm
+    head, options = "判断下面搜索词的意图：\n", "\n选项：病情诊断，后果表述，病因分析\n答："
+    row = {"input": head + "输卵管堵塞造成不孕是怎么造成呢？" * 12 + options, "target": "病因分析",
+           "task_dataset": "KUAKE-QIC", "sample_id": "1"}
+    vocab = TaskVocab(("KUAKE-QIC",))
+    decode = lambda split: tok.decode([int(i) for i in split.input_ids[0]])
+    n_head = len(tok.encode(head, add_special_tokens=False))
+    budget = 4 * (n_head + 1) + 1  # the kept head (budget // 4) covers the instruction
+    budget = max(budget, 4 * len(tok.encode(options, add_special_tokens=False)) // 3 + 8)
+    end = encode_split([row], tok, family=family, vocab=vocab, max_source_len=budget, for_prediction=True)
+    middle = encode_split([row], tok, family=family, vocab=vocab, max_source_len=budget, for_prediction=True,
+                          truncate_where="middle")
+    assert end.truncated["source"] == middle.truncated["source"] == 1
+    assert "答" not in decode(end) and "选项" not in decode(end)
+    text = decode(middle)
+    # (ChatGLM-6B's tokenizer gives full-width punctuation back half-width)
+    assert text.count("判断下面搜索词的意图") == 1
+    assert text.replace("，", ",").replace("：", ":").endswith("病情诊断,后果表述,病因分析\n答:")

@@ -86,7 +86,7 @@ def test_readers_on_arbitrary_json_values(tmp_path, data_format, values):
     check_reader_contract(path, data_format, len(values))
 
 
-CONFIG = load_config("demo")
+CONFIG = load_config("demo_tiny")
 
 
 def flat_keys(tree, prefix=""):
@@ -112,7 +112,7 @@ def config_value(cfg, key: str):
 def test_config_overrides_with_arbitrary_keys_and_values(key, value, prefix, sep):
     override = f"{prefix}{key}{sep}{value}"
     try:
-        cfg = apply_overrides(load_config("demo"), [override])
+        cfg = apply_overrides(load_config("demo_tiny"), [override])
     except ConfigError as e:
         assert ("not KEY=VALUE" in str(e) or "unknown config key" in str(e) or "expected" in str(e)), str(e)
         return
@@ -122,7 +122,7 @@ def test_config_overrides_with_arbitrary_keys_and_values(key, value, prefix, sep
     assert default is None or value is None or isinstance(value, type(default))  # ... with its type
 
 
-@given(argv=st.lists(st.text(max_size=20) | st.sampled_from(["--config", "demo", "--config.train.steps=x",
+@given(argv=st.lists(st.text(max_size=20) | st.sampled_from(["--config", "demo_tiny", "--config.train.steps=x",
                                                             "--workdir", "--config.nope=1"]), max_size=5))
 def test_train_py_arguments_exit_with_usage_errors_only(argv):
     import argparse

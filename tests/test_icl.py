@@ -93,7 +93,7 @@ def test_eval_icl_prompts_the_base_model_and_writes_the_original_records(tmp_pat
     from cgc_lora_jax.cli import eval as eval_cli
 
     out = tmp_path / "icl"
-    assert eval_cli.main(["icl", "--config", "demo", "--shots", "2", "--out", str(out), "--seed", "5",
+    assert eval_cli.main(["icl", "--config", "demo_tiny", "--shots", "2", "--out", str(out), "--seed", "5",
                           "--config.data.max_eval_per_task=2", "--config.eval.max_new_tokens=4",
                           "--config.data.max_source_len=224"]) == 0
     read = lambda path: [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -17,7 +17,7 @@ TINY = ["train.batch_size=8", "train.steps=8", "train.lr=2e-2", "train.log_every
 
 
 def tiny_config(*overrides):
-    return load_config("demo", [*TINY, *overrides])
+    return load_config("demo_tiny", [*TINY, *overrides])
 
 
 def losses(workdir: Path) -> dict[int, float]:

@@ -147,7 +147,7 @@ def test_eval_lorahub_on_a_lora_single_run_writes_weights_predictions_and_scores
     from cgc_lora_jax.training.loop import train
 
     run = tmp_path / "lora_single"
-    train(load_config("demo", [
+    train(load_config("demo_tiny", [
         "lora.num_common=0", "lora.common_rank=0", "lora.specific_rank=4", "lora.gate=uniform",
         "train.steps=5", "train.batch_size=8", "train.eval_every=0", "train.checkpoint_every=5", "mesh.data=1",
         "data.max_eval_per_task=4", "eval.max_new_tokens=4"]), run)

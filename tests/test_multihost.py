@@ -42,7 +42,7 @@ def drop_after(workdir, step):
 
 def test_two_hosts_equal_one_host_and_resume_on_one(tmp_path):
     overrides = [*FAST, *MESH_8, "train.steps=3", "train.checkpoint_every=2"]
-    train(load_config("demo", overrides), tmp_path / "one")  # this process: 8 devices
+    train(load_config("demo_tiny", overrides), tmp_path / "one")  # this process: 8 devices
     run_hosts(tmp_path / "two", overrides)
     assert_same_losses(tmp_path / "two", tmp_path / "one", range(1, 4))
 
@@ -63,14 +63,14 @@ def test_two_hosts_equal_one_host_and_resume_on_one(tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "two", resumed)
     drop_after(resumed, 2)
-    train(load_config("demo", overrides), resumed)
+    train(load_config("demo_tiny", overrides), resumed)
     assert_same_losses(resumed, tmp_path / "one", range(1, 4))
 
 
 @pytest.mark.slow
 def test_one_host_checkpoint_resumes_on_two_hosts(tmp_path):
     overrides = [*FAST, *MESH_8, "train.steps=8", "train.checkpoint_every=4"]
-    train(load_config("demo", overrides), tmp_path / "one")
+    train(load_config("demo_tiny", overrides), tmp_path / "one")
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "one", resumed)
     drop_after(resumed, 4)

@@ -17,7 +17,7 @@ from cgc_lora_jax.run import (VOCAB_FILE, BaseMismatchError, attach_adapters, da
                               load_frozen_base, lora_config, read_data, save_adapters)
 from conftest import CHATGLM_FIXTURES, rel_err
 
-DEMO = load_config("demo")
+DEMO = load_config("demo_tiny")
 
 
 def test_builtin_base_is_seeded_and_adapters_follow_the_run_seed():

@@ -40,7 +40,7 @@ def run_dir(tmp_path_factory):
     """A 2-step demo run whose adapters are then redrawn large (seeded), so every task answers
     differently (two steps leave B near zero, where all tasks answer alike)."""
     workdir = tmp_path_factory.mktemp("runs") / "demo_run"
-    train(load_config("demo", TINY_RUN), workdir)
+    train(load_config("demo_tiny", TINY_RUN), workdir)
     adapters, meta = load_adapters(workdir / "adapters")
     rng = np.random.default_rng(0)
     flat = {p: (1.0 if "task_gate" in p else 0.3) * rng.standard_normal(v.shape).astype(v.dtype)

@@ -40,7 +40,7 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 
 
 def command(workdir: Path, overrides) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), "--config", "demo", "--workdir", str(workdir), "--no-eval",
+    return [sys.executable, str(ROOT / "train.py"), "--config", "demo_tiny", "--workdir", str(workdir), "--no-eval",
             *(f"--config.{o}" for o in overrides)]
 
 

@@ -43,7 +43,13 @@ def main(argv=None) -> int:
 
     if jax.process_count() > 1:  # generation runs on one host: `python eval.py --workdir DIR` there
         return 0
-    if cfg.eval.after_training and not args.no_eval:
+    if not cfg.eval.after_training or args.no_eval:
+        return 0
+    if cfg.eval.get("compare_base", False):  # the base alone and the trained run, side by side
+        from cgc_lora_jax.evaluation.compare import compare_base_and_trained
+
+        compare_base_and_trained(workdir, split=cfg.eval.split)
+    else:
         from cgc_lora_jax.evaluation.evaluate import evaluate_run
 
         evaluate_run(workdir, split=cfg.eval.split)

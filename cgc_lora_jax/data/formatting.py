@@ -22,8 +22,9 @@ predicting <sop> from [gMASK]. glm_v2 is the ChatGLM2-6B recipe. bos_eos drops [
 tokenizer has none (Qwen2). Generation prompts are the input_ids up to the target:
 P + [gMASK, <sop>], [gMASK, sop] + P, [bos] + P.
 
-Truncation uses MOELoRA's budgets in every layout: P keeps its first max_source_len - 1 ids and Y
-its first max_target_len - 2 (defaults 1024 and 196), so a sequence never exceeds
+Truncation uses MOELoRA's budgets in every layout: P keeps its first max_source_len - 1 ids (or,
+with truncate_where="middle", its first quarter of that budget and the rest from its end, so
+answer options and the answer cue survive; `truncate`) and Y its first max_target_len - 2 (defaults 1024 and 196), so a sequence never exceeds
 max_source_len + max_target_len ids
 (plus the template's own ids in the chat layout). Each truncated example is counted under "source" and/or
 "target" in `EncodedSplit.truncated`, for the training log.
@@ -148,17 +149,35 @@ def _chat_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
     return _ids(tokenizer, text)
 
 
+TRUNCATE = ("end", "middle")
+HEAD_SHARE = 4  # "middle" keeps the first 1/HEAD_SHARE of the prompt budget, the rest from the end
+
+
 def truncate(prompt: Sequence[int], target: Sequence[int], max_source_len: int,
-             max_target_len: int) -> tuple[list[int], list[int], list[str]]:
-    """Keep the first max_source_len - 1 prompt ids and max_target_len - 2 target ids; also
-    return which parts were cut ("source", "target")."""
+             max_target_len: int, where: str = "end") -> tuple[list[int], list[int], list[str]]:
+    """Keep max_source_len - 1 prompt ids and the first max_target_len - 2 target ids; also
+    return which parts were cut ("source", "target").
+
+    where="end" keeps the prompt's first ids. where="middle" cuts the middle of the prompt: it
+    keeps the first budget // HEAD_SHARE ids and the rest of the budget from the end. A
+    PromptCBLUE prompt opens with a short instruction and ends with its answer options and
+    answer cue ("...选项：A，B，C\n答："), so cutting its end would remove what the answer is
+    chosen from; its long part is the text in between (a record, a dialogue).
+    """
     if max_source_len < 2 or max_target_len < 3:
         raise ValueError(f"need max_source_len >= 2 and max_target_len >= 3, got "
                          f"{max_source_len} and {max_target_len}")
-    cut = [name for name, ids, limit in (("source", prompt, max_source_len - 1),
-                                         ("target", target, max_target_len - 2))
+    if where not in TRUNCATE:
+        raise ValueError(f"data.truncate={where!r}: expected one of {TRUNCATE}")
+    budget = max_source_len - 1
+    cut = [name for name, ids, limit in (("source", prompt, budget), ("target", target, max_target_len - 2))
            if len(ids) > limit]
-    return list(prompt[:max_source_len - 1]), list(target[:max_target_len - 2]), cut
+    if where == "middle" and len(prompt) > budget:
+        head = budget // HEAD_SHARE
+        kept = list(prompt[:head]) + list(prompt[len(prompt) - (budget - head):])
+    else:
+        kept = list(prompt[:budget])
+    return kept, list(target[:max_target_len - 2]), cut
 
 
 @dataclasses.dataclass
@@ -182,15 +201,16 @@ class EncodedSplit:
 
 def encode_split(dataset, tokenizer, *, family: str, vocab: TaskVocab,
                  max_source_len: int = 1024, max_target_len: int = 196,
-                 for_prediction: bool = False, prompt_format: str = "auto") -> EncodedSplit:
+                 for_prediction: bool = False, prompt_format: str = "auto",
+                 truncate_where: str = "end") -> EncodedSplit:
     """Tokenise rows with `input`, `target`, `task_dataset`, `sample_id` (a `data` Dataset or
-    a list of such dicts)."""
+    a list of such dicts); long prompts are cut at `truncate_where` (see `truncate`)."""
     fmt = PromptFormat.for_tokenizer(family, tokenizer, prompt_format)
     input_ids, labels, task_ids, sample_ids, truncated = [], [], [], [], Counter()
     for row in dataset:
         prompt = tokenizer.encode(row["input"], add_special_tokens=False)
         target = [] if for_prediction else tokenizer.encode(row["target"], add_special_tokens=False)
-        prompt, target, cut = truncate(prompt, target, max_source_len, max_target_len)
+        prompt, target, cut = truncate(prompt, target, max_source_len, max_target_len, truncate_where)
         truncated.update(cut)
         if for_prediction:
             input_ids.append(np.asarray(fmt.prompt_ids(prompt), np.int32))

@@ -7,6 +7,7 @@ written from these rows go straight to `cgc_lora_jax.scoring`:
     format       input   target   task            sample_id    answer_choices   task_type
     promptcblue  input   target   task_dataset    sample_id    answer_choices*  task_type*
     demo         as promptcblue (cgc_lora_jax.demo.dataset writes it)
+    demo_en      as promptcblue (cgc_lora_jax.demo.english writes it)
     firefly      input   target   kind            (file-line)  -                -
     jsonl        the `*_field` arguments name them (input, target, task required; only
                  this format reads them)
@@ -93,6 +94,7 @@ FORMATS: dict[str, FieldNames | None] = {
     "promptcblue": PROMPTCBLUE_FIELDS,
     "firefly": FieldNames("input", "target", "kind"),
     "demo": PROMPTCBLUE_FIELDS,  # the built-in demo data (cgc_lora_jax.demo.dataset) is PromptCBLUE-shaped
+    "demo_en": PROMPTCBLUE_FIELDS,  # the real-base demo's English tasks (cgc_lora_jax.demo.english)
     "jsonl": None,  # every field name comes from the arguments
 }
 

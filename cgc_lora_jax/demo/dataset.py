@@ -20,7 +20,7 @@ The scorer of these tasks is `cgc_lora_jax.demo.scorer`.
 
 Usage::
 
-    write_demo_dataset("workdir/data", seed=0)       # then read it with data_format="demo"
+    write_demo_dataset("workdir/data", seed=0)       # or data.format="demo" in a config (run.GENERATED_DATASETS)
 
 The demo's tokenizer is `cgc_lora_jax.demo.tokenizer.DemoTokenizer`.
 """
@@ -34,6 +34,7 @@ import numpy as np
 
 from cgc_lora_jax.data.records import write_records
 from cgc_lora_jax.demo.scorer import NO_COLOUR, TASK_NAMES
+from cgc_lora_jax.demo.splits import generate_splits
 
 NAMES = ("小明", "小红", "小刚", "妈妈", "爸爸", "老师", "弟弟", "姐姐")
 COLOURS = ("红色", "蓝色", "绿色", "黄色", "白色", "黑色", "紫色")
@@ -92,29 +93,15 @@ _GENERATORS = {"ColourExtraction": _colour_example, "CategoryClassification": _c
                "DigitsToChinese": _digits_example}
 
 
+def _record(task: str, rng: np.random.Generator) -> dict:
+    prompt, target, choices = _GENERATORS[task](rng)
+    return {"input": prompt, "target": target, "answer_choices": choices, "task_type": TASK_TYPES[task],
+            "task_dataset": task}
+
+
 def demo_records(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, list[dict]]:
     """{split: records} with sizes[split] records of every task, shuffled across tasks."""
-    sizes = dict(SPLIT_SIZES if sizes is None else sizes)
-    splits: dict[str, list[dict]] = {split: [] for split in sizes}
-    for k, task in enumerate(TASK_NAMES):
-        rng = np.random.default_rng([seed, k])
-        seen: set[str] = set()
-        for split, size in sizes.items():
-            for _ in range(size):
-                for _attempt in range(1000):
-                    prompt, target, choices = _GENERATORS[task](rng)
-                    if prompt not in seen:
-                        break
-                else:
-                    raise ValueError(f"{task} has too few distinct inputs for sizes {sizes}")
-                seen.add(prompt)
-                splits[split].append({"input": prompt, "target": target,
-                                      "answer_choices": choices, "task_type": TASK_TYPES[task],
-                                      "task_dataset": task})
-    for i, (split, records) in enumerate(splits.items()):
-        order = np.random.default_rng([seed, len(TASK_NAMES), i]).permutation(len(records))
-        splits[split] = [dict(records[j], sample_id=f"{split}-{n}") for n, j in enumerate(order)]
-    return splits
+    return generate_splits(TASK_NAMES, _record, SPLIT_SIZES if sizes is None else sizes, seed)
 
 
 def write_demo_dataset(out_dir: str | os.PathLike, *, seed: int = 0,

@@ -53,10 +53,16 @@ class LoadedRun:
     train: Any = None  # the training split's records (a datasets.Dataset) when asked for
 
 
-def load_run(workdir: str | Path, split: str | None = None, with_train: bool = False) -> LoadedRun:
-    """Everything needed to generate for `split` (default: the run's eval.split)."""
+def load_run(workdir: str | Path, split: str | None = None, with_train: bool = False,
+             every_record: bool = False) -> LoadedRun:
+    """Everything needed to generate for `split` (default: the run's eval.split).
+
+    every_record: read all of the split, whatever data.max_eval_per_task (a submission file
+    needs every sample id)."""
     workdir = Path(workdir)
     cfg = load_run_config(workdir)
+    if every_record:
+        cfg.data.max_eval_per_task = 0
     split = split or cfg.eval.split
     adapters_dir = workdir / ADAPTERS_DIR
     if not (adapters_dir / "meta.json").is_file():
@@ -125,6 +131,21 @@ def write_results(out_dir: str | Path, split: str, records: list[dict], answers:
     return scores
 
 
+def merged_answers(run: LoadedRun, bar=None) -> dict[int, str]:
+    """{row: answer} for every prompt of the run's split, per task with its experts merged."""
+    answers, settings = {}, GenerationSettings.from_config(run.cfg)
+    plain = run.base.model.clone(lora=None)
+    for task_id, task in enumerate(run.vocab.tasks):
+        rows = np.flatnonzero(run.prompts.task_ids == task_id)
+        if len(rows) == 0:
+            continue
+        if bar is not None:
+            bar.set_postfix(task=task)
+        merged = merge_task(run.params, task_id, run.lora)
+        answers.update(generate_answers(plain, merged, run.prompts, rows, settings, run.base.tokenizer, bar=bar))
+    return answers
+
+
 def evaluate_run(workdir: str | Path, split: str | None = None, fused: bool = False,
                  out_dir: str | Path | None = None) -> dict[str, float]:
     """Generate and score `split` (default: the run's eval.split) of a trained run; see above."""
@@ -136,15 +157,7 @@ def evaluate_run(workdir: str | Path, split: str | None = None, fused: bool = Fa
         answers = generate_answers(run.base.model, run.params, prompts, np.arange(len(records)), settings,
                                    tokenizer, with_task_ids=True, bar=bar)
     else:
-        answers = {}
-        plain = run.base.model.clone(lora=None)
-        for task_id, task in enumerate(run.vocab.tasks):
-            rows = np.flatnonzero(prompts.task_ids == task_id)
-            if len(rows) == 0:
-                continue
-            bar.set_postfix(task=task)
-            merged = merge_task(run.params, task_id, run.lora)
-            answers.update(generate_answers(plain, merged, prompts, rows, settings, tokenizer, bar=bar))
+        answers = merged_answers(run, bar)
     bar.close()
     out_dir = Path(out_dir) if out_dir is not None else run.workdir
     return write_results(out_dir, run.split, records, answers, benchmark_of(run.cfg.data), out_dir.name,

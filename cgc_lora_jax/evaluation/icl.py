@@ -15,7 +15,7 @@ formatting keeps), the earliest examples are dropped first, so the query itself 
 (unless it alone exceeds the budget); `IclRecords.dropped` counts the examples dropped.
 
     records = icl_records(test_records, train_records, shots=3, seed=0)
-    scores = run_icl(load_config("demo", ["data.max_source_len=224"]), "runs/icl", shots=3)
+    scores = run_icl(load_config("demo_tiny", ["data.max_source_len=224"]), "runs/icl", shots=3)
 """
 
 from __future__ import annotations

@@ -201,14 +201,15 @@ def fit_task(run, sources: dict, task: str, shots: int, budget: int, alpha: floa
 
 def run_lorahub(workdir: str | Path, out_dir: str | Path | None = None, *, shots: int = 5, budget: int = 40,
                 alpha: float = DEFAULT_ALPHA, split: str | None = None, seed: int | None = None,
-                include_target: bool = True) -> dict[str, float]:
+                include_target: bool = True, every_record: bool = False) -> dict[str, float]:
     """LoRAHub on every task of a LoRA Single run: learn each task's weights, generate its
     prompts with the composed, merged model, and write OUT (default WORKDIR/lorahub) like an
-    evaluated run: lorahub.json (weights per task), predictions, scores, table and chart."""
+    evaluated run: lorahub.json (weights per task), predictions, scores, table and chart.
+    every_record: answer all of the split, whatever the run's data.max_eval_per_task."""
     from cgc_lora_jax.evaluation.answers import GenerationSettings, generate_answers
     from cgc_lora_jax.evaluation.evaluate import benchmark_of, load_run, split_file, write_results
 
-    run = load_run(workdir, split, with_train=True)
+    run = load_run(workdir, split, with_train=True, every_record=every_record)
     sources = source_loras(run.params, run.lora)
     out_dir = Path(out_dir) if out_dir is not None else run.workdir / "lorahub"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,8 @@ from cgc_lora_jax.scoring import firefly, promptcblue
 # Each module provides TASK_NAMES and score_task(task, golds, predictions, choices); a benchmark's
 # name is the data.format whose records it scores. The demo's scorer imports this package's
 # metrics, so it is looked up lazily.
-BENCHMARKS = {"promptcblue": promptcblue, "firefly": firefly, "demo": "cgc_lora_jax.demo.scorer"}
+BENCHMARKS = {"promptcblue": promptcblue, "firefly": firefly, "demo": "cgc_lora_jax.demo.scorer",
+              "demo_en": "cgc_lora_jax.demo.english"}
 
 
 class ScoringError(ValueError):

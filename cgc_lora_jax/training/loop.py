@@ -1,6 +1,6 @@
 """A training run from a config: data, base model, sharded jit steps, logs, checkpoints, resume.
 
-    summary = train(load_config("demo"), workdir="runs/demo")
+    summary = train(load_config("demo_tiny"), workdir="runs/demo_tiny")
 
 The workdir holds config.json (the resolved config), task_vocab.json, metrics.jsonl,
 tensorboard/, checkpoints/<step>/ (orbax: adapters, gate, optimizer state, step, data position)
@@ -86,11 +86,25 @@ def validation_loss(eval_step, adapters, base_params, dev, cfg, mesh, vocab) -> 
     return record
 
 
+def enable_compile_cache() -> Path:
+    """Keep this process's compiled programs in $CGC_LORA_JAX_CACHE/jax-compile (JAX's persistent
+    cache): a later run of the same shapes loads them instead of compiling, which on a small CPU
+    is a large part of a short run."""
+    from cgc_lora_jax.hub import cache_dir
+
+    folder = cache_dir() / "jax-compile"
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return folder
+
+
 def train(cfg, workdir: str | Path) -> dict:
     """Run (or resume) the training job of `cfg` in `workdir`; returns the final figures."""
     from cgc_lora_jax.data.batching import BatchIterator
 
     initialize_from_env()
+    if cfg.train.get("compile_cache", False):
+        enable_compile_cache()
     primary = is_primary()  # host 0 writes the workdir's files; every host reads them
     workdir = Path(workdir)
     if cfg.train.batch_size % cfg.train.grad_accum:

@@ -1,0 +1,87 @@
+"""bench/paper_table.py without training: every row at the config's total rank and in the shape
+its name says (against the CGCLoRAConfig constructors of the paper's baselines), mean +- sample
+std over seeds against numpy, and a finished table folder is skipped and summarised, not redone."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cgc_lora_jax.config import load_config
+from cgc_lora_jax.layers import CGCLoRAConfig
+from cgc_lora_jax.run import lora_config
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("paper_table", ROOT / "bench" / "paper_table.py")
+paper_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(paper_table)
+
+
+def row_lora(row: str) -> CGCLoRAConfig:
+    base = load_config("med8")
+    return lora_config(load_config("med8", paper_table.row_overrides(row, base.lora, 8)).lora, 8)
+
+
+def test_every_row_has_the_total_rank_and_its_shape():
+    cgc = row_lora("cgc_lora")
+    assert cgc.total_rank == 4 * 2 + 8 * 1 == 16
+    keep = dict(alpha=cgc.alpha, task_embed_dim=cgc.task_embed_dim, dropout=cgc.dropout, init_std=cgc.init_std,
+                targets=cgc.targets)
+    assert row_lora("lora_full") == CGCLoRAConfig.lora_full(8, 16, **keep)
+    assert row_lora("lora_single") == row_lora("lorahub") == CGCLoRAConfig.lora_single(8, 2, **keep)
+    assert row_lora("moelora") == CGCLoRAConfig.moe_lora(8, 8, 2, **keep)
+    assert row_lora("no_gate").gate == "uniform" and row_lora("per_layer_gates").gate == "per_layer"
+    assert {row_lora(r).total_rank for r in paper_table.ROWS if r != "icl"} == {16}
+    with pytest.raises(ValueError, match="does not split"):
+        paper_table.row_overrides("lora_single", load_config("med8").lora, 7)
+
+
+def test_finished_folders_are_skipped_and_summarised(tmp_path, capsys):
+    dev = {"lora_full": [[0.5, 0.7], [0.25, 0.35]], "cgc_lora": [[0.6, 0.8], [0.1, 0.3]], "icl": [[0.1, 0.2]]}
+    for row, per_seed in dev.items():
+        for seed, (a, b) in enumerate(per_seed):
+            folder = tmp_path / row / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "scores_dev.json").write_text(json.dumps({"KUAKE-QIC": a, "CHIP-CTC": b, "average": (a + b) / 2}))
+            (folder / paper_table.DONE).write_text("{}")
+    paper_table.main(["--config", "med8", "--out", str(tmp_path), "--rows", "icl,lora_full,cgc_lora", "--seeds", "2"])
+    out = capsys.readouterr().out
+    assert out.count("done, skipped") == 5
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert table["CGC-LoRA"]["KUAKE-QIC"] == [0.6, 0.1] and table["In-context"]["average"] == [pytest.approx(0.15)]
+    values = 100 * np.array([0.6, 0.1])
+    row = next(line for line in out.splitlines() if line.startswith("| CGC-LoRA |"))
+    assert row.split(" | ")[2] == f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+    assert (tmp_path / "table_dev.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(out.strip().splitlines()[-1])["total_seconds"] == 0
+
+
+@pytest.mark.slow
+def test_every_row_end_to_end_on_the_offline_demo(tmp_path, capsys):
+    """All eight rows on demo_tiny (2 training steps, 2 dev records per task): each row/seed
+    folder has dev scores and test predictions for every test id; a rerun redoes nothing."""
+    args = ["--config", "demo_tiny", "--out", str(tmp_path), "--seeds", "2", "--icl-shots", "1",
+            "--hub-shots", "2", "--hub-budget", "3"]
+    for override in ("data.tasks=CategoryClassification,ColourExtraction,DigitsToChinese", "lora.num_common=3",
+                     "train.steps=2", "train.batch_size=6", "train.checkpoint_every=2", "train.eval_every=0",
+                     "data.max_eval_per_task=2", "eval.max_new_tokens=4", "mesh.data=1"):
+        args += ["--override", override]
+    paper_table.main(args)
+    test_ids = [json.loads(line)["sample_id"] for line in (tmp_path / "cgc_lora" / "seed0" / "data" / "test.json")
+                .read_text().splitlines()]
+    assert len(test_ids) == 96
+    for row in paper_table.ROWS:
+        for seed in ([0, 1] if row in paper_table.MULTI_SEED_ROWS else [0]):
+            folder = tmp_path / row / f"seed{seed}"
+            assert json.loads((folder / "scores_dev.json").read_text())["average"] >= 0
+            predicted = [json.loads(line)["sample_id"] for line in (folder / "predictions_test.jsonl").read_text().splitlines()]
+            assert sorted(predicted) == sorted(test_ids)
+    first = capsys.readouterr().out
+    paper_table.main(args)
+    again = capsys.readouterr().out
+    assert again.count("done, skipped") == 10 and "| CGC-LoRA | 2 |" in first
+    assert json.loads(again.strip().splitlines()[-1])["seconds"] == {}
