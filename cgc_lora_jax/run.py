@@ -41,7 +41,7 @@ from flax import traverse_util
 from cgc_lora_jax.data.task_vocab import TaskVocab
 from cgc_lora_jax.demo import english
 from cgc_lora_jax.demo.dataset import write_demo_dataset
-from cgc_lora_jax.layers import CGCLoRAConfig
+from cgc_lora_jax.layers import CGCLoRAConfig, init_adapters
 from cgc_lora_jax.params import is_adapter_path, join_params, split_params
 from cgc_lora_jax.sharding import match_partition_rules, named_shardings
 
@@ -222,12 +222,11 @@ def _load_builtin(model_cfg, lora, mesh, workdir, seed) -> BaseModel:
     model = chatglm.build(chatglm.ChatGLMConfig.from_hf(hf), dtype=dtype, param_dtype=dtype, lora=lora, remat=model_cfg.remat)
     ids = jnp.asarray([tokenizer.encode("你好")], jnp.int32)
     task_ids = None if lora is None else jnp.zeros((1,), jnp.int32)
-    init = jax.jit(lambda key: model.init(key, ids, None, task_ids)["params"])
-    params = init(jax.random.key(BUILTIN_SEED))
+    params = jax.jit(lambda key: model.init(key, ids, None, task_ids)["params"])(jax.random.key(BUILTIN_SEED))
     check_lora_targets(chatglm.FAMILY, lora, traverse_util.flatten_dict(params))
-    if lora is not None:  # the base from BUILTIN_SEED, the adapters from the run's seed
-        base, _ = split_params(params)
-        params = join_params(base, split_params(init(jax.random.key(seed)))[1])
+    if lora is not None:  # the base from BUILTIN_SEED, the adapters from the run's seed, as for a loaded base
+        base, adapters = split_params(params)
+        params = join_params(base, traverse_util.unflatten_dict(init_adapters(traverse_util.flatten_dict(adapters), lora, seed)))
     if mesh is not None:
         params = jax.device_put(params, named_shardings(mesh, match_partition_rules(chatglm.PARTITION_RULES, params)))
     fingerprint = hashlib.sha256(json.dumps([hf, BUILTIN_SEED, model_cfg.dtype], sort_keys=True).encode()).hexdigest()

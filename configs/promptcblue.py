@@ -74,4 +74,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 16  # prompts per generation batch
     c.eval.after_training = False  # train.py evaluates eval.split when training ends (--no-eval skips it)
     c.eval.compare_base = False  # with after_training: also answer with the base alone, side by side (evaluation/compare.py)
+    c.eval.dtype = ""  # dtype of the base when answering ("": model.dtype); float32 keeps bf16 rounding from flipping greedy tokens
     return c

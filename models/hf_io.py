@@ -45,6 +45,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors import safe_open
 
+from cgc_lora_jax.layers import init_adapters
 from cgc_lora_jax.params import is_adapter_path
 from cgc_lora_jax.sharding import match_partition_rules, named_shardings
 from cgc_lora_jax.models.family import ModelFamily, check_lora_targets, detect_family, with_default_targets
@@ -92,20 +93,11 @@ def _init_fn(model, with_adapters: bool):
     return init
 
 
-def _init_adapters(model, seed: int, shardings: dict | None) -> FlatParams:
-    """A real init of the adapters only; XLA drops the unused base initialisers from the jit."""
-    init = _init_fn(model, with_adapters=True)
-
-    def adapters_only(rng):
-        flat = traverse_util.flatten_dict(init(rng))
-        return {"/".join(p): v for p, v in flat.items() if is_adapter_path(p)}
-
-    out_shardings = None
-    if shardings is not None:
-        paths = jax.eval_shape(adapters_only, jax.random.key(seed))
-        out_shardings = {path: shardings[tuple(path.split("/"))] for path in paths}
-    adapters = jax.jit(adapters_only, out_shardings=out_shardings)(jax.random.key(seed))
-    return {tuple(path.split("/")): value for path, value in adapters.items()}
+def _init_adapters(abstract: FlatParams, lora, seed: int, shardings: dict | None) -> FlatParams:
+    """The adapters' initial values (layers.init_adapters: no model trace, no per-leaf compile),
+    placed on their shardings."""
+    adapters = init_adapters({p: leaf for p, leaf in abstract.items() if is_adapter_path(p)}, lora, seed)
+    return {p: jax.device_put(v, None if shardings is None else shardings[p]) for p, v in adapters.items()}
 
 
 def _targets(family: ModelFamily, key_map, abstract: FlatParams) -> dict[tuple[str, ...], list[str]]:
@@ -224,7 +216,7 @@ def load_pretrained(
                 del value
         gc.collect()  # close the shard's mmap before the next one is touched
     if lora is not None:
-        flat.update(_init_adapters(model, seed, shardings))
+        flat.update(_init_adapters(abstract, lora, seed, shardings))
     _HF_CONFIGS[id(config)] = (config, hf_config)
     return model, traverse_util.unflatten_dict(flat)
 

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cgc_lora_jax.layers import CGCLoRAConfig, Dense, TaskRouting
+from cgc_lora_jax.layers import CGCLoRAConfig, Dense, TaskRouting, init_adapters
 from cgc_lora_jax.params import split_params
 from cgc_lora_jax.sharding import ADAPTER_RULES, make_mesh
 from cgc_lora_jax.models.family import ModelFamily
@@ -238,11 +238,15 @@ def test_lora_adds_zero_b_adapters_and_keeps_base_outputs(tmp_path):
     frozen, adapters = split_params(params)
     assert_same_tree(frozen, traverse_util.flatten_dict(base))
     flat = traverse_util.flatten_dict(adapters)
-    rng = jax.random.key(0)  # the loader's seed=0: its adapters equal a full init's
+    rng = jax.random.key(0)  # the loader's adapters have a full init's paths, shapes and dtypes
     init = jax.jit(lambda ids, tasks: model.init({"params": rng, "dropout": rng}, ids, task_ids=tasks))
     full = init(jnp.zeros((1, 2), jnp.int32), jnp.zeros((1,), jnp.int32))
     full_adapters = traverse_util.flatten_dict(split_params(full["params"])[1])
-    assert_same_tree(adapters, {p: np.asarray(v) for p, v in full_adapters.items()})
+    assert {p: (v.shape, v.dtype) for p, v in flat.items()} == {p: (v.shape, v.dtype) for p, v in full_adapters.items()}
+    # ... drawn by layers.init_adapters from the seed and each path (seed 0 by default)
+    assert_same_tree(adapters, {p: np.asarray(v) for p, v in init_adapters(full_adapters, cfg, 0).items()})
+    _, other_seed = load_pretrained(folder, lora=cfg, family=TOY, seed=1)
+    assert not np.array_equal(flat[("task_gate", "task_embedding")], other_seed["task_gate"]["task_embedding"])
     assert {p[0] for p in flat} == {"task_gate", "layers_0_dense_h_to_4h", "layers_1_dense_h_to_4h"}
     assert all(not np.any(np.asarray(v)) for p, v in flat.items() if p[-1] == "B")
     assert all(np.std(np.asarray(v)) > 0 for p, v in flat.items() if p[-1] == "A")

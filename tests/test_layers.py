@@ -17,6 +17,7 @@ from cgc_lora_jax.layers import (
     TaskRouting,
     cgc_lora_dense,
     gate_weights,
+    init_adapters,
     uniform_weights,
 )
 from conftest import rel_err
@@ -273,3 +274,26 @@ def test_bf16_backward_keeps_no_float32_copies_of_frozen_kernels():
 
     growth_per_layer = (scratch(8) - scratch(2)) / 6
     assert growth_per_layer < 256 * 1024, f"{growth_per_layer / 2**20:.2f} MiB of scratch per layer"
+
+
+def test_init_adapters_draws_each_leaf_from_its_path_and_the_modules_initializers():
+    cfg = CGCLoRAConfig(num_tasks=3, num_common=2, common_rank=4, specific_rank=4, task_embed_dim=64, init_std=0.05)
+    sds = jax.ShapeDtypeStruct
+    abstract = {("l0", "lora", "A"): sds((256, 20), jnp.float32), ("l0", "lora", "B"): sds((20, 128), jnp.float32),
+                ("task_gate", "task_embedding"): sds((64, 3), jnp.float32),
+                ("task_gate", "common"): sds((64, 2), jnp.float32), ("task_gate", "specific"): sds((64, 3), jnp.float32)}
+    values = {p: np.asarray(v) for p, v in init_adapters(abstract, cfg, seed=7).items()}
+    assert {p: (v.shape, v.dtype) for p, v in values.items()} == {p: (a.shape, a.dtype) for p, a in abstract.items()}
+    assert np.std(values[("l0", "lora", "A")]) == pytest.approx(0.05, rel=0.05)
+    assert not np.any(values[("l0", "lora", "B")])
+    assert np.std(values[("task_gate", "task_embedding")]) == pytest.approx(1.0, rel=0.25)
+    assert np.std(values[("task_gate", "common")]) == pytest.approx(64**-0.5, rel=0.3)
+    # a value depends on its path and the seed only: not on which other leaves are drawn
+    alone = init_adapters({("l0", "lora", "A"): abstract[("l0", "lora", "A")]}, cfg, seed=7)
+    np.testing.assert_array_equal(np.asarray(alone[("l0", "lora", "A")]), values[("l0", "lora", "A")])
+    moved = init_adapters({("l1", "lora", "A"): abstract[("l0", "lora", "A")]}, cfg, seed=7)
+    assert not np.array_equal(np.asarray(moved[("l1", "lora", "A")]), values[("l0", "lora", "A")])
+    reseeded = init_adapters({("l0", "lora", "A"): abstract[("l0", "lora", "A")]}, cfg, seed=8)
+    assert not np.array_equal(np.asarray(reseeded[("l0", "lora", "A")]), values[("l0", "lora", "A")])
+    with pytest.raises(ValueError, match="l0/lora/C"):
+        init_adapters({("l0", "lora", "C"): abstract[("l0", "lora", "A")]}, cfg, seed=7)

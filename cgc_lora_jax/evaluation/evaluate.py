@@ -74,7 +74,10 @@ def load_run(workdir: str | Path, split: str | None = None, with_train: bool = F
     records = list(splits.datasets[split])
     # The plain base, then the run's adapters on it (no throw-away adapter init); a base whose
     # fingerprint differs from training's is a BaseMismatchError naming both.
-    run = attach_adapters(load_base(cfg.model, lora=None, workdir=workdir), workdir)
+    model_cfg = cfg.model
+    if cfg.eval.get("dtype"):  # e.g. a bfloat16 training run answered in float32
+        model_cfg = ml_collections.ConfigDict({**cfg.model.to_dict(), "dtype": cfg.eval.dtype})
+    run = attach_adapters(load_base(model_cfg, lora=None, workdir=workdir), workdir)
     prompts = encode(cfg.data, records, run.base, vocab, for_prediction=True)
     return LoadedRun(workdir, cfg, vocab, split, records, prompts, run.base, run.lora, run.params,
                      splits.datasets["train"] if with_train else None)
