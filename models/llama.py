@@ -220,7 +220,11 @@ class LlamaAttention(nn.Module):
 
             layer_cache = {"key": write(layer_cache["key"], k), "value": write(layer_cache["value"], v)}
             k, v = layer_cache["key"].astype(q.dtype), layer_cache["value"].astype(q.dtype)
-        out = grouped_attention(q, k, v, mask_bts).reshape(b, t, -1)
+            if jax.default_backend() == "cpu" and q.dtype == jnp.bfloat16:
+                # XLA:CPU runs a dot over the cache buffer as a DotThunk, which has no bf16 x bf16 ->
+                # f32 kernel: attend in float32 there (the cache is small next to the weights)
+                q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
+        out = grouped_attention(q, k, v, mask_bts).reshape(b, t, -1).astype(x.dtype)
         return proj(cfg.hidden_size, cfg.o_bias, "o_proj", out), layer_cache
 
 
