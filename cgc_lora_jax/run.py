@@ -255,6 +255,14 @@ def load_base(model_cfg, *, lora: CGCLoRAConfig | None, mesh=None, workdir=None,
     return BaseModel(family.name, model, params, tokenizer, {"path": str(path.resolve()), "fingerprint": fingerprint_base(path)})
 
 
+def answering_model_config(cfg) -> ml_collections.ConfigDict:
+    """cfg.model as answers are generated: eval.dtype, when set, replaces model.dtype (a run trained
+    in bfloat16 can answer in float32, where rounding flips fewer greedy tokens)."""
+    if not cfg.eval.get("dtype"):
+        return cfg.model
+    return ml_collections.ConfigDict({**cfg.model.to_dict(), "dtype": cfg.eval.dtype})
+
+
 def load_frozen_base(path: str, *, dtype: str = "float32", with_tokenizer: bool = False) -> BaseModel:
     """The plain base (no adapters) at `path`: an HF folder or "builtin:NAME"."""
     builtin = path[len(BUILTIN_PREFIX):] if path.startswith(BUILTIN_PREFIX) else ""

@@ -13,7 +13,7 @@ from cgc_lora_jax.config import load_config
 from cgc_lora_jax.data.task_vocab import TaskVocab
 from cgc_lora_jax.models.family import FAMILIES, with_default_targets
 from cgc_lora_jax.params import split_params
-from cgc_lora_jax.run import (VOCAB_FILE, BaseMismatchError, attach_adapters, data_folder, fingerprint_base, load_base,
+from cgc_lora_jax.run import (VOCAB_FILE, BaseMismatchError, answering_model_config, attach_adapters, data_folder, fingerprint_base, load_base,
                               load_frozen_base, lora_config, read_data, save_adapters)
 from conftest import CHATGLM_FIXTURES, rel_err
 
@@ -84,3 +84,14 @@ def test_adapters_attach_only_to_their_base(tmp_path):
     plain.info = {**plain.info, "fingerprint": "0" * 64}
     with pytest.raises(BaseMismatchError, match="was trained on base"):
         attach_adapters(plain, tmp_path)
+
+
+def test_answering_model_config_takes_eval_dtype_over_model_dtype():
+    cfg = load_config("demo", [])
+    assert cfg.model.dtype == "bfloat16" and cfg.eval.dtype == "float32"
+    answering = answering_model_config(cfg)
+    assert answering.dtype == "float32"
+    assert {k: v for k, v in answering.items() if k != "dtype"} == {k: v for k, v in cfg.model.items() if k != "dtype"}
+    assert cfg.model.dtype == "bfloat16"  # the run's own config is left as it is
+    unset = load_config("demo", ["eval.dtype="])
+    assert answering_model_config(unset).dtype == "bfloat16"

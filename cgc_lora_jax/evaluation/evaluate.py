@@ -33,7 +33,7 @@ from cgc_lora_jax.evaluation.answers import GenerationSettings, generate_answers
 from cgc_lora_jax.evaluation.report import write_scores
 from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.merge import merge_task
-from cgc_lora_jax.run import ADAPTERS_DIR, BaseModel, attach_adapters, data_folder, encode, load_base, load_run_config, read_data
+from cgc_lora_jax.run import ADAPTERS_DIR, BaseModel, answering_model_config, attach_adapters, data_folder, encode, load_base, load_run_config, read_data
 from cgc_lora_jax.scoring import BENCHMARKS, score_records
 
 
@@ -74,10 +74,7 @@ def load_run(workdir: str | Path, split: str | None = None, with_train: bool = F
     records = list(splits.datasets[split])
     # The plain base, then the run's adapters on it (no throw-away adapter init); a base whose
     # fingerprint differs from training's is a BaseMismatchError naming both.
-    model_cfg = cfg.model
-    if cfg.eval.get("dtype"):  # e.g. a bfloat16 training run answered in float32
-        model_cfg = ml_collections.ConfigDict({**cfg.model.to_dict(), "dtype": cfg.eval.dtype})
-    run = attach_adapters(load_base(model_cfg, lora=None, workdir=workdir), workdir)
+    run = attach_adapters(load_base(answering_model_config(cfg), lora=None, workdir=workdir), workdir)
     prompts = encode(cfg.data, records, run.base, vocab, for_prediction=True)
     return LoadedRun(workdir, cfg, vocab, split, records, prompts, run.base, run.lora, run.params,
                      splits.datasets["train"] if with_train else None)

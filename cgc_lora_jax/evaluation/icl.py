@@ -90,7 +90,7 @@ def run_icl(cfg, out_dir: str | Path, shots: int, seed: int | None = None, split
 
     from cgc_lora_jax.evaluation.answers import GenerationSettings, generate_answers
     from cgc_lora_jax.evaluation.evaluate import benchmark_of, split_file, write_results
-    from cgc_lora_jax.run import encode, load_base, read_data
+    from cgc_lora_jax.run import answering_model_config, encode, load_base, read_data
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,7 +98,7 @@ def run_icl(cfg, out_dir: str | Path, shots: int, seed: int | None = None, split
     seed = cfg.train.seed if seed is None else seed
     splits, vocab = read_data(cfg, out_dir, splits=("train", split), prediction_splits=(split,))
     queries, train = list(splits.datasets[split]), list(splits.datasets["train"])
-    base = load_base(cfg.model, lora=None, workdir=out_dir)
+    base = load_base(answering_model_config(cfg), lora=None, workdir=out_dir)
     count = lambda text: len(base.tokenizer.encode(text, add_special_tokens=False))
     icl = icl_records(queries, train, shots, seed, count, cfg.data.max_source_len - 1)
     if icl.dropped:
