@@ -23,8 +23,9 @@ tokens takes seconds, and the table trains ten runs and answers 721 test prompts
   rank        N_c = 4 common experts of rank 2 and one rank-1 expert per task (total rank
               4 * 2 + 8 * 1 = 16) for the paper's 8 x 2 + 8 x 2 = 32: the adapter's size matters
               little at this data size, and the baselines keep the same total rank 16.
-  dtype       the base trains in bfloat16 (float32 accumulation) and answers in float32 (eval.dtype),
-              every row alike.
+  dtype       the base trains and answers in bfloat16 (float32 accumulation), every row alike:
+              bench/decode.py measured bf16 greedy decoding 3.6x float32's here (98.7% of greedy
+              ids equal), and the table answers 801 prompts per row.
   lr          1e-3 (the paper's 2e-4 is for 8000 steps): few steps need a larger rate.
   dev         10 dev records of each task (a seeded draw, data.max_eval_per_task) for model choice;
               hyperparameters are chosen on dev only. bench/paper_table.py predicts every test
@@ -59,5 +60,4 @@ def get_config():
     c.eval.split = "dev"
     c.eval.max_new_tokens = 32
     c.eval.batch_size = 48
-    c.eval.dtype = "float32"  # every row answers in float32 (the in-context row too)
     return c
