@@ -94,6 +94,9 @@ def data_folder(data_cfg, workdir: Path) -> Path:
     data.path, or WORKDIR/data when data.path is empty."""
     generate = GENERATED_DATASETS.get(data_cfg.format)
     if generate is None:
+        if not data_cfg.path:
+            raise FileNotFoundError(f"data.path is empty: name the folder holding train.json, dev.json and test.json "
+                                    f"(data.format={data_cfg.format!r}) with --config.data.path=FOLDER")
         return Path(data_cfg.path)
     folder = Path(data_cfg.path) if data_cfg.path else Path(workdir) / "data"
     if not (folder / "train.json").is_file():

@@ -12,11 +12,11 @@ answer word plus the end token as the target, a short run at a high adapter lear
 small test split and at most 8 new tokens per answer.
 """
 
-from cgc_lora_jax.configs import promptcblue
+from cgc_lora_jax.configs import base
 
 
 def get_config():
-    c = promptcblue.get_config()
+    c = base.get_config()
     c.model.path = "hub:smollm2-135m-instruct"
     c.model.dtype = "bfloat16"  # trains at the CPU's bf16 matmul rate; answers in float32 (eval.dtype)
     c.lora.num_common, c.lora.common_rank, c.lora.specific_rank = 4, 2, 2

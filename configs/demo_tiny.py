@@ -6,11 +6,11 @@ checkpoints, merging) and is what the tests train; the base knows nothing, so th
 nothing about the method's quality on real tasks (that is `--config demo`).
 """
 
-from cgc_lora_jax.configs import promptcblue
+from cgc_lora_jax.configs import base
 
 
 def get_config():
-    c = promptcblue.get_config()
+    c = base.get_config()
     c.model.path = ""
     c.model.builtin = "tiny-chatglm"
     c.model.dtype = "float32"

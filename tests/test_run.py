@@ -66,6 +66,10 @@ def test_demo_data_is_generated_once_and_the_saved_vocab_wins(tmp_path):
     assert read_data(DEMO, tmp_path, splits=("train",))[1].tasks == tuple(reversed(vocab.tasks))
 
 
+def test_an_empty_data_path_is_an_error_naming_the_field(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.path is empty.*--config.data.path=FOLDER"):
+        data_folder(load_config("base").data, tmp_path)  # the schema names no dataset
+
 def test_adapters_attach_only_to_their_base(tmp_path):
     lora = lora_config(DEMO.lora, 3)
     trained = load_base(DEMO.model, lora=lora, seed=3)
