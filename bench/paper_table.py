@@ -4,7 +4,9 @@ and test, scored on dev by the official rules, and printed as mean +- std over s
     python bench/paper_table.py --config med8 --out runs/table [--quick] [--seeds 3] [--rows cgc_lora,lora_full]
 
 Rows, all at the config's total rank r = N_c r_c + M r_s (med8: 4 * 2 + 8 * 1 = 16), as the paper
-compares at equal trainable size:
+compares at equal trainable size. The trained rows are the named configs lora_full, lora_single,
+moelora, no_gate and per_layer_gates, made from this config instead of promptcblue by the same
+definition (cgc_lora_jax/baselines.py: `with_baseline`):
 
     icl              In-context: the base alone, --icl-shots solved training examples of the task in
                      the prompt (our stand-in for the paper's ChatGPT row); prompts get twice the
@@ -46,31 +48,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cgc_lora_jax.baselines import TITLES, with_baseline  # noqa: E402
 from cgc_lora_jax.config import load_config  # noqa: E402
-from cgc_lora_jax.evaluation.report import markdown_table, plot_comparison, read_scores  # noqa: E402
+from cgc_lora_jax.evaluation.report import plot_comparison, read_scores  # noqa: E402
 
 ROWS = ("icl", "lora_full", "lora_single", "lorahub", "moelora", "cgc_lora", "no_gate", "per_layer_gates")
-ROW_NAMES = {"icl": "In-context", "lora_full": "LoRA Full", "lora_single": "LoRA Single", "lorahub": "LoRAHub",
-             "moelora": "MOE-LoRA", "cgc_lora": "CGC-LoRA", "no_gate": "w/o gate", "per_layer_gates": "multiple gates"}
+ROW_NAMES = {"icl": "In-context", "lorahub": "LoRAHub", **TITLES}
 QUICK_ROWS = ("icl", "lora_full", "cgc_lora")
 MULTI_SEED_ROWS = ("cgc_lora", "lora_full")
 DONE = "done.json"
 
 
-def row_overrides(row: str, lora, num_tasks: int) -> list[str]:
-    """Config overrides giving `row` the same total rank as the config's CGC-LoRA."""
-    rank = lora.num_common * lora.common_rank + num_tasks * lora.specific_rank
-    if row == "lora_full":
-        return ["lora.num_common=1", f"lora.common_rank={rank}", "lora.specific_rank=0", "lora.gate=uniform"]
-    if row in ("lora_single", "lorahub"):
-        if rank % num_tasks:
-            raise ValueError(f"total rank {rank} does not split into {num_tasks} equal per-task LoRAs")
-        return ["lora.num_common=0", "lora.common_rank=0", f"lora.specific_rank={rank // num_tasks}", "lora.gate=uniform"]
-    if row == "moelora":
-        if rank % lora.common_rank:
-            raise ValueError(f"total rank {rank} is not a whole number of rank-{lora.common_rank} experts")
-        return [f"lora.num_common={rank // lora.common_rank}", "lora.specific_rank=0"]
-    return {"cgc_lora": [], "no_gate": ["lora.gate=uniform"], "per_layer_gates": ["lora.gate=per_layer"]}[row]
+def row_config(row: str, config: str, overrides: list[str]):
+    """The config of a trained row: `config` with `overrides`, its lora layout made `row` at the
+    config's total rank (cgc_lora_jax/baselines.py; LoRAHub composes LoRA Single's adapters)."""
+    return with_baseline(load_config(config, overrides), "lora_single" if row == "lorahub" else row)
 
 
 def answer_dev_and_test(workdir: Path) -> None:
@@ -102,13 +94,12 @@ def test_view(run):
                                prompts=encode(run.cfg.data, records, run.base, run.vocab, for_prediction=True))
 
 
-def run_row(row: str, seed: int, folder: Path, args, num_tasks: int) -> None:
+def run_row(row: str, seed: int, folder: Path, args) -> None:
     from cgc_lora_jax.evaluation.icl import run_icl
     from cgc_lora_jax.evaluation.lorahub import run_lorahub
     from cgc_lora_jax.training.loop import train
 
-    configured = load_config(args.config, args.override)
-    common = [*args.override, f"train.seed={configured.train.seed + seed}"]
+    common = [*args.override, f"train.seed={load_config(args.config, args.override).train.seed + seed}"]
     if row == "icl":
         cfg = load_config(args.config, common)
         with cfg.unlocked():
@@ -124,8 +115,7 @@ def run_row(row: str, seed: int, folder: Path, args, num_tasks: int) -> None:
         run_lorahub(source, folder, shots=args.hub_shots, budget=args.hub_budget, split="test", seed=seed,
                     every_record=True)
         return
-    cfg = load_config(args.config, [*common, *row_overrides(row, configured.lora, num_tasks)])
-    train(cfg, folder)
+    train(row_config(row, args.config, common), folder)
     answer_dev_and_test(folder)
 
 
@@ -181,10 +171,11 @@ def main(argv=None) -> None:
     if "lorahub" in rows and "lora_single" not in rows:
         rows.append("lora_single")
     rows.sort(key=lambda r: (r == "lorahub", ROWS.index(r)))  # LoRAHub after LoRA Single
-    cfg = load_config(args.config, args.override)
-    num_tasks = len(cfg.data.tasks)
-    if not num_tasks:
-        parser.error(f"config {args.config!r} lists no data.tasks: the rows' equal total rank needs the task count")
+    try:
+        for row in set(rows) - {"icl"}:
+            row_config(row, args.config, args.override)  # a row that cannot have the total rank fails now
+    except ValueError as e:
+        parser.error(f"config {args.config!r}: {e}")
     out = Path(args.out)
     seconds = {}
     for row in rows:
@@ -194,7 +185,7 @@ def main(argv=None) -> None:
                 print(f"{row}/seed{seed}: done, skipped", flush=True)
                 continue
             start = time.perf_counter()
-            run_row(row, seed, folder, args, num_tasks)
+            run_row(row, seed, folder, args)
             took = round(time.perf_counter() - start, 1)
             (folder / DONE).write_text(json.dumps({"row": row, "seed": seed, "seconds": took}) + "\n")
             seconds[f"{row}/seed{seed}"] = took

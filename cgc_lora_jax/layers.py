@@ -19,7 +19,8 @@ The weights come from the task ID only (paper eq. 5-7, the "task-motivated gate"
 Gate modes: "shared" (one gate for the model, computed once per forward by `TaskRouting` and
 handed to every wrapped layer; the paper's default), "per_layer" (each layer owns a gate) and
 "uniform" (w = 1 / number of slots; the paper's "w/o gate" ablation). The paper's baselines are
-settings of the same layer, see `CGCLoRAConfig.lora_full`, `.lora_single` and `.moe_lora`.
+settings of the same layer, see `CGCLoRAConfig.lora_full`, `.lora_single` and `.moe_lora`, and
+cgc_lora_jax/baselines.py for all of them at one total rank.
 
 The computation is fused: x is multiplied by all A's concatenated [d_in, r], each sample's rank
 columns are scaled by its gate weights, and the result by all B's concatenated [r, d_out]. There is
@@ -44,6 +45,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from cgc_lora_jax import baselines
 
 Array = jax.Array
 GATE_MODES = ("shared", "per_layer", "uniform")
@@ -110,20 +113,21 @@ class CGCLoRAConfig:
     def is_target(self, path: str) -> bool:
         return re.search(self.targets, path) is not None
 
+    # The paper's baselines as settings of this layer; their layouts are defined in baselines.py.
     @classmethod
     def lora_full(cls, num_tasks: int, rank: int, **kw) -> CGCLoRAConfig:
         """Baseline "LoRA Full": one LoRA of rank `rank` shared by all tasks, no gate."""
-        return cls(num_tasks, num_common=1, common_rank=rank, specific_rank=0, gate="uniform", **kw)
+        return cls(num_tasks, **baselines.lora_full(rank), **kw)
 
     @classmethod
     def lora_single(cls, num_tasks: int, rank: int, **kw) -> CGCLoRAConfig:
         """Baseline "LoRA Single": one LoRA of rank `rank` per task, nothing shared."""
-        return cls(num_tasks, num_common=0, common_rank=0, specific_rank=rank, gate="uniform", **kw)
+        return cls(num_tasks, **baselines.lora_single(rank), **kw)
 
     @classmethod
     def moe_lora(cls, num_tasks: int, num_experts: int, rank: int, **kw) -> CGCLoRAConfig:
         """Baseline "MOE-LoRA": `num_experts` common experts mixed by the task gate."""
-        return cls(num_tasks, num_common=num_experts, common_rank=rank, specific_rank=0, **kw)
+        return cls(num_tasks, **baselines.moe_lora(num_experts, rank), **kw)
 
 
 @struct.dataclass

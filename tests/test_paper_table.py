@@ -1,9 +1,11 @@
 """bench/paper_table.py without training: every row at the config's total rank and in the shape
-its name says (against the CGCLoRAConfig constructors of the paper's baselines), mean +- sample
-std over seeds against numpy, and a finished table folder is skipped and summarised, not redone."""
+its name says (against explicit layouts of the paper's baselines, and the same as the named
+configs), mean +- sample std over seeds against numpy, and a finished table folder is skipped and
+summarised, not redone."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 from cgc_lora_jax.config import load_config
 from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.run import lora_config
+from test_config import BASELINES
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("paper_table", ROOT / "bench" / "paper_table.py")
@@ -22,8 +25,7 @@ spec.loader.exec_module(paper_table)
 
 
 def row_lora(row: str) -> CGCLoRAConfig:
-    base = load_config("med8")
-    return lora_config(load_config("med8", paper_table.row_overrides(row, base.lora, 8)).lora, 8)
+    return lora_config(paper_table.row_config(row, "med8", []).lora, 8)
 
 
 def test_every_row_has_the_total_rank_and_its_shape():
@@ -31,13 +33,25 @@ def test_every_row_has_the_total_rank_and_its_shape():
     assert cgc.total_rank == 4 * 2 + 8 * 1 == 16
     keep = dict(alpha=cgc.alpha, task_embed_dim=cgc.task_embed_dim, dropout=cgc.dropout, init_std=cgc.init_std,
                 targets=cgc.targets)
-    assert row_lora("lora_full") == CGCLoRAConfig.lora_full(8, 16, **keep)
-    assert row_lora("lora_single") == row_lora("lorahub") == CGCLoRAConfig.lora_single(8, 2, **keep)
-    assert row_lora("moelora") == CGCLoRAConfig.moe_lora(8, 8, 2, **keep)
-    assert row_lora("no_gate").gate == "uniform" and row_lora("per_layer_gates").gate == "per_layer"
+    assert row_lora("lora_full") == CGCLoRAConfig(8, num_common=1, common_rank=16, specific_rank=0, gate="uniform",
+                                                  **keep)
+    assert row_lora("lora_single") == row_lora("lorahub") == CGCLoRAConfig(8, num_common=0, common_rank=0,
+                                                                           specific_rank=2, gate="uniform", **keep)
+    assert row_lora("moelora") == CGCLoRAConfig(8, num_common=8, common_rank=2, specific_rank=0, **keep)
+    assert row_lora("no_gate") == dataclasses.replace(cgc, gate="uniform")
+    assert row_lora("per_layer_gates") == dataclasses.replace(cgc, gate="per_layer")
     assert {row_lora(r).total_rank for r in paper_table.ROWS if r != "icl"} == {16}
+    # the same definition as the named configs and the layer's constructors
+    for row in BASELINES:
+        paper = load_config(row)
+        assert paper.to_dict() == paper_table.row_config(row, "promptcblue", []).to_dict()
+    assert row_lora("lora_full") == CGCLoRAConfig.lora_full(8, 16, **keep)
+    assert row_lora("moelora") == CGCLoRAConfig.moe_lora(8, 8, 2, **keep)
     with pytest.raises(ValueError, match="does not split"):
-        paper_table.row_overrides("lora_single", load_config("med8").lora, 7)
+        seven = ",".join(load_config("med8").data.tasks[:7])
+        paper_table.row_config("lora_single", "med8", [f"data.tasks={seven}"])
+    with pytest.raises(SystemExit):  # a row that cannot be made is refused before anything trains
+        paper_table.main(["--config", "demo_tiny", "--out", "unused", "--rows", "lora_full"])
 
 
 def test_finished_folders_are_skipped_and_summarised(tmp_path, capsys):
