@@ -88,7 +88,8 @@ def test_view(run):
     """The loaded run with its split swapped for the whole test file (the submission needs every id)."""
     from cgc_lora_jax.run import encode, read_data
 
-    splits, _ = read_data(uncapped(run.cfg), run.workdir, splits=("test",), prediction_splits=("test",))
+    splits, _ = read_data(uncapped(run.cfg).data, run.workdir, seed=run.cfg.train.seed, splits=("test",),
+                          prediction_splits=("test",))
     records = list(splits.datasets["test"])
     return dataclasses.replace(run, split="test", records=records,
                                prompts=encode(run.cfg.data, records, run.base, run.vocab, for_prediction=True))

@@ -13,7 +13,8 @@ weight file, name, size and a hash of its first and last MiB) are recorded, and 
 base with another fingerprint (BaseMismatchError).
 
     cfg = load_run_config("runs/demo")
-    splits, vocab = read_data(cfg, Path("runs/demo"), splits=("test",), prediction_splits=("test",))
+    splits, vocab = read_data(cfg.data, Path("runs/demo"), seed=cfg.train.seed, splits=("test",),
+                              prediction_splits=("test",))
     base = load_base(cfg.model, lora=None)                  # BaseModel: model, params, tokenizer
     run = attach_adapters(base, "runs/demo")               # AdapterSet: the model with `lora`
     prompts = encode(cfg.data, list(splits.datasets["test"]), run.base, vocab, for_prediction=True)
@@ -105,22 +106,22 @@ def data_folder(data_cfg, workdir: Path) -> Path:
     return folder
 
 
-def read_data(cfg, workdir: Path, splits=("train", "dev"), prediction_splits=()) -> tuple:
-    """(Splits, vocab) of `cfg.data`: the run's saved task vocabulary wins over data.tasks."""
+def read_data(data_cfg, workdir: Path, *, seed: int, splits=("train", "dev"), prediction_splits=()) -> tuple:
+    """(Splits, vocab) of a config's data section: the run's saved task vocabulary wins over
+    data.tasks; `seed` (the run's train.seed) draws the capped subsets."""
     from cgc_lora_jax.data.records import load_splits
 
     vocab_file = Path(workdir) / VOCAB_FILE
     vocab = TaskVocab.load(vocab_file) if vocab_file.is_file() else None
-    data = cfg.data
-    caps = {"train": data.max_train_per_task or None, "dev": data.max_eval_per_task or None,
-            "test": data.max_eval_per_task or None}
+    caps = {"train": data_cfg.max_train_per_task or None, "dev": data_cfg.max_eval_per_task or None,
+            "test": data_cfg.max_eval_per_task or None}
     extra = {}
-    if data.format == "jsonl":
-        extra = dict(input_field=data.input_field, target_field=data.target_field, task_field=data.task_field)
+    if data_cfg.format == "jsonl":
+        extra = dict(input_field=data_cfg.input_field, target_field=data_cfg.target_field, task_field=data_cfg.task_field)
     splits = load_splits(
-        data_folder(data, workdir), data_format=data.format, splits=splits, prediction_splits=prediction_splits,
-        tasks=tuple(data.tasks) or None, vocab=vocab, max_per_task=caps, seed=cfg.train.seed,
-        on_error=data.on_error, **extra,
+        data_folder(data_cfg, workdir), data_format=data_cfg.format, splits=splits, prediction_splits=prediction_splits,
+        tasks=tuple(data_cfg.tasks) or None, vocab=vocab, max_per_task=caps, seed=seed,
+        on_error=data_cfg.on_error, **extra,
     )
     return splits, splits.vocab
 

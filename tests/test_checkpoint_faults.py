@@ -39,7 +39,7 @@ class Saved:
 
     def __init__(self, workdir: Path):
         self.workdir, self.cfg = workdir, load_config("demo_tiny", RUN)
-        splits, vocab = read_data(self.cfg, workdir)
+        splits, vocab = read_data(self.cfg.data, workdir, seed=self.cfg.train.seed)
         vocab.save(workdir / "task_vocab.json")
         (workdir / "config.json").write_text("{}\n")
         self.base = load_base(self.cfg.model, lora=lora_config(self.cfg.lora, len(vocab.tasks)))

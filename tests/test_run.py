@@ -60,10 +60,10 @@ def test_demo_data_is_generated_once_and_the_saved_vocab_wins(tmp_path):
     assert folder == tmp_path / "data" and (folder / "train.json").is_file()
     stamp = (folder / "train.json").stat().st_mtime_ns
     assert data_folder(DEMO.data, tmp_path) == folder and (folder / "train.json").stat().st_mtime_ns == stamp
-    splits, vocab = read_data(DEMO, tmp_path, splits=("train",))
+    splits, vocab = read_data(DEMO.data, tmp_path, seed=DEMO.train.seed, splits=("train",))
     assert vocab.tasks == tuple(sorted({r["task_dataset"] for r in splits.datasets["train"]}))
     TaskVocab(tuple(reversed(vocab.tasks))).save(tmp_path / VOCAB_FILE)
-    assert read_data(DEMO, tmp_path, splits=("train",))[1].tasks == tuple(reversed(vocab.tasks))
+    assert read_data(DEMO.data, tmp_path, seed=DEMO.train.seed, splits=("train",))[1].tasks == tuple(reversed(vocab.tasks))
 
 
 def test_an_empty_data_path_is_an_error_naming_the_field(tmp_path):

@@ -70,7 +70,7 @@ def load_run(workdir: str | Path, split: str | None = None, with_train: bool = F
             f"{adapters_dir} holds no trained adapters (meta.json): training writes them when it "
             f"ends; finish or resume the run (python train.py --config NAME --workdir {workdir})")
     wanted = ("train", split) if with_train and split != "train" else (split,)
-    splits, vocab = read_data(cfg, workdir, splits=wanted, prediction_splits=(split,))
+    splits, vocab = read_data(cfg.data, workdir, seed=cfg.train.seed, splits=wanted, prediction_splits=(split,))
     records = list(splits.datasets[split])
     # The plain base, then the run's adapters on it (no throw-away adapter init); a base whose
     # fingerprint differs from training's is a BaseMismatchError naming both.

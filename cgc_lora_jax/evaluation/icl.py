@@ -96,7 +96,8 @@ def run_icl(cfg, out_dir: str | Path, shots: int, seed: int | None = None, split
     out_dir.mkdir(parents=True, exist_ok=True)
     split = split or cfg.eval.split
     seed = cfg.train.seed if seed is None else seed
-    splits, vocab = read_data(cfg, out_dir, splits=("train", split), prediction_splits=(split,))
+    splits, vocab = read_data(cfg.data, out_dir, seed=cfg.train.seed, splits=("train", split),
+                              prediction_splits=(split,))
     queries, train = list(splits.datasets[split]), list(splits.datasets["train"])
     base = load_base(answering_model_config(cfg), lora=None, workdir=out_dir)
     count = lambda text: len(base.tokenizer.encode(text, add_special_tokens=False))

@@ -236,13 +236,12 @@ def run_affinity(cfg, workdir: str | Path, steps: int, batch_per_task: int, look
 
     Training and lookahead use the run's peak learning rate, constant (the run's warm-up schedule
     would start at learning rate 0), unless `lookahead_lr` is given."""
-    from cgc_lora_jax.run import load_base
     from cgc_lora_jax.params import split_params
-    from cgc_lora_jax.run import encode, lora_config, read_data
+    from cgc_lora_jax.run import encode, load_base, lora_config, read_data
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    splits, vocab = read_data(cfg, workdir, splits=("train",))
+    splits, vocab = read_data(cfg.data, workdir, seed=cfg.train.seed, splits=("train",))
     lora = lora_config(cfg.lora, len(vocab.tasks))
     base = load_base(cfg.model, lora=lora, workdir=workdir, seed=cfg.train.seed)
     train = encode(cfg.data, splits.datasets["train"], base, vocab)

@@ -115,7 +115,7 @@ def train(cfg, workdir: str | Path) -> dict:
         workdir.mkdir(parents=True, exist_ok=True)
         data_folder(cfg.data, workdir)  # a generated dataset is written once
     barrier("cgc_lora_jax:workdir")
-    splits, vocab = read_data(cfg, workdir)
+    splits, vocab = read_data(cfg.data, workdir, seed=cfg.train.seed)
     barrier("cgc_lora_jax:read")
     if primary:
         vocab.save(workdir / VOCAB_FILE)
