@@ -1,5 +1,5 @@
-"""cgc_lora_jax/training/checkpoint.py and the run folder's adapter files (run.py): orbax round
-trips equal to what was saved, keep-last-k, and resuming against another base refused."""
+"""cgc_lora_jax/training/checkpoint.py and the run folder's adapter files (run/adapters.py): orbax
+round trips equal to what was saved, keep-last-k, and resuming against another base refused."""
 
 import jax
 import jax.numpy as jnp

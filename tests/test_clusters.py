@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cgc_lora_jax import run
 from cgc_lora_jax.cli import clusters as clusters_cli
 from cgc_lora_jax.multitask.clusters import format_clusters, parse_clusters
 from cgc_lora_jax.multitask.server import MultiTaskServer, jitted_apply
+from cgc_lora_jax.run import base as run_base
 from cgc_lora_jax.run import load_adapters, save_adapters
 from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.params import join_params, split_params
@@ -73,8 +73,8 @@ def served(trained, tmp_path_factory) -> Path:
 
 def test_server_routes_tasks_and_never_reloads_the_base(served, monkeypatch):
     loads = []
-    original = run.load_base
-    monkeypatch.setattr(run, "load_base", lambda *a, **k: loads.append(1) or original(*a, **k))
+    original = run_base.load_base
+    monkeypatch.setattr(run_base, "load_base", lambda *a, **k: loads.append(1) or original(*a, **k))
     server = MultiTaskServer.from_workdir(served)
     assert len(loads) == 1
     assert server.route("ColourExtraction") == ("colour", 0)

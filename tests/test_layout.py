@@ -3,7 +3,7 @@
     core -> data -> models -> demo -> run -> training -> evaluation -> multitask / export / serve -> cli
 
 (evaluation never imports training; the baselines and 1+N serving reach the run folder through
-run.py, never through the trainer or the exporter). Imports are read from the source (every
+run/, never through the trainer or the exporter). Imports are read from the source (every
 `import` and `from ... import`, also those inside functions), so a lazy import counts too.
 """
 

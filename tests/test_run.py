@@ -1,4 +1,4 @@
-"""cgc_lora_jax/run.py: base loading (built-in and HF folder), the run folder's data and task
+"""cgc_lora_jax/run/: base loading (built-in and HF folder), the run folder's data and task
 vocabulary, and attaching adapters only to the base they were trained on."""
 
 import json
