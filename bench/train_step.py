@@ -48,12 +48,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import flax.linen as nn  # noqa: E402
+from flax import traverse_util  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench._common import interleaved_medians, matmul_calls, run_child_peak_rss  # noqa: E402
-from cgc_lora_jax.layers import CGCLoRAConfig  # noqa: E402
+from cgc_lora_jax.layers import CGCLoRAConfig, init_adapters as draw_adapters  # noqa: E402
 from cgc_lora_jax.params import count_parameters, split_params  # noqa: E402
 from cgc_lora_jax.loss import IGNORE, token_losses  # noqa: E402
 from cgc_lora_jax.training.step import TrainState, make_optimizer, make_train_step  # noqa: E402
@@ -100,9 +101,11 @@ def glm_batch(hf: dict, batch: int, seq: int, num_tasks: int, seed: int = 0) -> 
 
 
 def init_adapters(model, batch: dict, seed: int = 1) -> dict:
-    """A real adapter init; XLA drops the base initialisers, whose results are unused."""
-    init = lambda key: split_params(model.init(key, batch["input_ids"], None, batch["task_ids"])["params"])[1]
-    return jax.jit(init)(jax.random.key(seed))
+    """The adapters' initial values as a training run draws them (layers.init_adapters)."""
+    abstract = jax.eval_shape(lambda key: model.init(key, batch["input_ids"], None, batch["task_ids"])["params"],
+                              jax.random.key(0))
+    flat = traverse_util.flatten_dict(split_params(abstract)[1])
+    return traverse_util.unflatten_dict(draw_adapters(flat, model.lora, seed))
 
 
 def train_call(model, base: dict, adapters: dict, batch: dict, num_tasks: int):
@@ -176,8 +179,6 @@ def bench_chatglm(args) -> dict:
 
 def torch_llama_to_flax(torch_model, cfg: llama.LlamaConfig) -> dict:
     """Our parameter tree from the HF model's state dict, by the family's explicit key map."""
-    from flax import traverse_util
-
     state = torch_model.state_dict()
     flat = {path: jnp.asarray(state[name].numpy().T if transpose else state[name].numpy())
             for name, (path, transpose) in llama.key_map(cfg).items()}
@@ -421,7 +422,7 @@ def hashed_uniform(shape: tuple[int, ...], dtype, std: float, salt: int) -> jax.
     return ((2.0 * unit - 1.0) * (std * 3**0.5)).astype(dtype)
 
 
-_hashed_leaf = jax.jit(hashed_uniform, static_argnums=(0, 1, 2, 3))
+_hashed_leaf = jax.jit(hashed_uniform, static_argnums=(0, 1, 2))  # the salt traced: one compile per shape
 
 
 def random_base(abstract_base: dict) -> dict:
@@ -434,7 +435,7 @@ def random_base(abstract_base: dict) -> dict:
         if name == "bias":
             return jnp.zeros(spec.shape, spec.dtype)
         std = 0.02 if name == "embedding" else spec.shape[0] ** -0.5
-        return _hashed_leaf(tuple(spec.shape), spec.dtype, std, zlib.crc32(jax.tree_util.keystr(path).encode()))
+        return _hashed_leaf(tuple(spec.shape), spec.dtype, std, jnp.uint32(zlib.crc32(jax.tree_util.keystr(path).encode())))
 
     return jax.tree_util.tree_map_with_path(leaf, abstract_base)
 
@@ -530,7 +531,8 @@ def main():
     parser.add_argument("--llama-seq", type=int, default=256, help="tokens per sequence (llama)")
     parser.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads for PEFT")
     parser.add_argument("--parts", default="chatglm,llama,real",
-                        help="comma-separated parts to run: chatglm, llama, real (SmolLM2-135M shapes)")
+                        help="comma-separated parts to run: chatglm, llama, real (SmolLM2-135M shapes), "
+                             "real-rss (only the real part's peak-RSS children)")
     parser.add_argument("--skip-small", action="store_true", help="skip the chatglm, llama and real parts")
     parser.add_argument("--real-seq", type=int, default=256, help="tokens per sequence (real), loss on the 2nd half")
     parser.add_argument("--real-rounds", type=int, default=3, help="timed rounds per variant (real)")
@@ -572,10 +574,12 @@ def main():
         if args.glm6b:  # first, so that the children's peak RSS is this child's
             figures.update(bench_glm6b(args))
         parts = set() if args.skip_small else set(args.parts.split(","))
-        if parts - {"chatglm", "llama", "real"}:
-            parser.error(f"--parts {args.parts}: unknown {sorted(parts - {'chatglm', 'llama', 'real'})}")
+        if parts - {"chatglm", "llama", "real", "real-rss"}:
+            parser.error(f"--parts {args.parts}: unknown {sorted(parts - {'chatglm', 'llama', 'real', 'real-rss'})}")
         if "real" in parts:
             figures.update(bench_real(args))
+        elif "real-rss" in parts:  # the real part's peak-RSS children alone
+            figures.update(real_peak_rss(args))
         if "chatglm" in parts:
             figures.update(bench_chatglm(args))
         if "llama" in parts:
