@@ -54,6 +54,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench._common import interleaved_medians, matmul_calls, run_child_peak_rss  # noqa: E402
+from cgc_lora_jax.cli.train import LOW_MEMORY_CPU_SCHEDULE  # noqa: E402
 from cgc_lora_jax.layers import CGCLoRAConfig, init_adapters as draw_adapters  # noqa: E402
 from cgc_lora_jax.params import count_parameters, split_params  # noqa: E402
 from cgc_lora_jax.loss import IGNORE, token_losses  # noqa: E402
@@ -75,10 +76,7 @@ TINY_LLAMA = dict(model_type="llama", vocab_size=8000, hidden_size=256, intermed
 OPTIMIZER = types.SimpleNamespace(lr=2e-4, warmup_steps=0, steps=1000, end_lr_ratio=1.0, weight_decay=0.0,
                                   grad_clip=1.0)
 GIB = 1024**3
-# XLA:CPU's default schedule favours concurrency: it runs every weight's f32 conversion for the
-# backward matmuls early, so f32 copies of all 6B weights coexist (~0.8 GiB per block). The
-# memory-minimising schedule converts each just before its use.
-LOW_MEMORY_CPU_SCHEDULE = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+# XLA:CPU's memory-minimising schedule, which train.py adds under model.remat (see there why).
 
 
 def cgc_config(num_tasks: int = 8) -> CGCLoRAConfig:

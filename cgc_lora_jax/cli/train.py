@@ -6,9 +6,27 @@ and README.md for what each run writes.
 """
 
 import argparse
+import os
 import sys
 
 from cgc_lora_jax.config import available_configs, parse_args_with_config
+
+
+# XLA:CPU's default schedule favours concurrency: it runs the frozen weights' conversions for the
+# backward early (their copies coexist, ~0.8 GiB per ChatGLM-6B block) and keeps every block's
+# recomputed activations alive at once, so remat alone saves nothing there (bench/train_step.py
+# --parts real-rss: 8.4 GiB of XLA temp for a SmolLM2 step at 16 x 320 tokens, 0.56 GiB with
+# remat under this schedule).
+LOW_MEMORY_CPU_SCHEDULE = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def xla_flags_for(cfg, flags: str) -> str:
+    """XLA_FLAGS for a run: with model.remat, XLA:CPU's memory-minimising schedule is added (unless
+    the user's flags already set that option)."""
+    option = LOW_MEMORY_CPU_SCHEDULE.split("=")[0]
+    if not cfg.model.remat or option in flags:
+        return flags
+    return f"{flags} {LOW_MEMORY_CPU_SCHEDULE}".strip()
 
 
 def main(argv=None) -> int:
@@ -19,6 +37,7 @@ def main(argv=None) -> int:
                         help="skip the evaluation that follows training when the config's eval.after_training is set")
     args, cfg = parse_args_with_config(parser, argv)
     workdir = args.workdir or f"runs/{args.config}"
+    os.environ["XLA_FLAGS"] = xla_flags_for(cfg, os.environ.get("XLA_FLAGS", ""))  # before jax starts its backend
 
     from cgc_lora_jax.data.records import DataError
     from cgc_lora_jax.run import BaseMismatchError
