@@ -50,7 +50,6 @@ def load_exported_adapters(folder: str | Path, base_path: str | None = None):
 
 
 def _family_and_config(base: BaseModel):
-    from cgc_lora_jax.models import chatglm, chatglm2, llama  # noqa: F401 - importing registers the families
     from cgc_lora_jax.models.family import FAMILIES
 
     return FAMILIES[base.family], base.model.config

@@ -4,14 +4,15 @@ Per block (pre-norm; x [B, T, d]):
 
     h = x + dense(Attention(RMSNorm(x)))
     y = h + dense_4h_to_h(silu(a) * b),          [a | b] = dense_h_to_4h(RMSNorm(h))
-    RMSNorm(x) = w * x / sqrt(mean(x^2) + eps)    (float32 arithmetic)
+    RMSNorm(x) = w * x / sqrt(mean(x^2) + eps)    (float32 arithmetic, the scale before the cast back)
 
 Attention: [q | k | v] = query_key_value(x) (the one layer with a bias unless add_bias_linear);
 q has H heads, k and v have G groups, all of kv_channels = D dims; query head h reads group
 h // (H / G). Rotary embedding turns the first D/2 dims of q and k, in interleaved pairs
 (x[2i], x[2i+1]), by the angle pos * theta_i, theta_i = 1 / (10000 * rope_ratio) ** (2i / (D/2)),
 in float32. Then softmax(q k^T / sqrt(D) + mask) v with a float32 softmax, and
-logits = output_layer(RMSNorm(h_L)).
+logits = output_layer(RMSNorm(h_L)). The blocks are models/blocks.py's; the checkpoint key map and
+partition rules are models/chatglm2_keys.py.
 
 Masks and positions come from the [B, T] left-padding mask alone: positions are 0 on pads and
 0..n-1 on the n tokens; a token sees the earlier tokens and never a pad; a pad query sees every
@@ -28,17 +29,15 @@ key (as in the original; its output is never used). No mask: plain causal, posit
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import struct
-from jax.sharding import PartitionSpec as P
 
-from cgc_lora_jax.layers import AdapterInputs, CGCLoRAConfig, Dense, TaskRouting
-from cgc_lora_jax.sharding import ADAPTER_RULES
-from cgc_lora_jax.models.family import KeyMap, ModelFamily, register
+from cgc_lora_jax.models.blocks import (CausalLM, FamilyModule, RMSNorm, apply_rope, cache_slots, cached_attention,
+                                        init_kv_cache, left_pad_positions, rope_cos_sin, rope_inv_freq)
+from cgc_lora_jax.models.chatglm2_keys import IGNORED_KEYS, PAPER_LORA_TARGETS, PARTITION_RULES, key_map
+from cgc_lora_jax.models.family_spec import ModelFamily
 
 Array = jax.Array
 _REQUIRED = (
@@ -115,171 +114,76 @@ class ChatGLM2Config:
         )
 
 
-@struct.dataclass
-class KVCache:
-    """Decoding state with static shapes: S = max_length slots, written left to right."""
-
-    keys: tuple[Array, ...]  # per layer [B, S, G, D], rotary already applied
-    values: tuple[Array, ...]  # per layer [B, S, G, D]
-    valid: Array  # [B, S] bool: the slot holds a token (False for pads and unwritten slots)
-    index: Array  # [] int32: next slot to write (the same for every row)
-    next_position: Array  # [B] int32: rotary position of each row's next token
+def allowed_keys(mask_bt: Array, causal_ts: Array, valid_bs: Array, written_s: Array | bool = True) -> Array:
+    """allowed[b, t, s] = (causal and slot s holds a real token) or query t is a pad, which sees
+    every written slot (the original's get_masks). Without a cache: causal = tril, valid = mask."""
+    return (causal_ts[None] & valid_bs[:, None, :]) | (~mask_bt[:, :, None] & written_s)
 
 
-def position_ids(attention_mask: Array, start: Array | int = 0) -> Array:
-    """Left-padding positions [B, T]: 0 on pads, start, start+1, ... on the tokens."""
-    mask = attention_mask.astype(jnp.int32)
-    return jnp.where(mask > 0, jnp.asarray(start)[..., None] + jnp.cumsum(mask, axis=1) - 1, 0)
-
-
-def prompt_attention(mask_bt: Array) -> Array:
-    """allowed[b, i, j] = (j <= i and token j is real) or query i is a pad (original get_masks)."""
-    t = mask_bt.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    return (causal[None] & mask_bt[:, None, :]) | ~mask_bt[:, :, None]
-
-
-def cached_attention(mask_bt: Array, valid_bs: Array, index: Array) -> Array:
-    """allowed[b, i, s] for the T queries written at slots index..index+T-1 of S.
-
-    A token sees the real tokens in slots <= its own; a pad query sees every written slot.
-    """
-    t, slot = mask_bt.shape[1], jnp.arange(valid_bs.shape[1])
-    causal = slot[None, :] <= (index + jnp.arange(t))[:, None]  # [T, S]
-    written = slot < index + t  # [S]
-    return (causal[None] & valid_bs[:, None, :]) | (~mask_bt[:, :, None] & written)
-
-
-def rotary_cos_sin(positions: Array, rot_dim: int, rope_ratio: float) -> tuple[Array, Array]:
-    """cos, sin [B, T, rot_dim/2] of pos * theta_i; theta_i = (10000 rope_ratio)^(-2i/rot_dim)."""
-    exponents = jnp.arange(0, rot_dim, 2, dtype=jnp.float32) / rot_dim
-    theta = 1.0 / (10000.0 * rope_ratio) ** exponents
-    angles = positions.astype(jnp.float32)[..., None] * theta
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rotary(x_bthd: Array, cos: Array, sin: Array) -> Array:
-    """Rotate pairs (x[2i], x[2i+1]) of the first 2 * cos.shape[-1] dims; the rest pass through."""
-    lead, rot = x_bthd.shape[:-1], 2 * cos.shape[-1]
-    pairs = x_bthd[..., :rot].astype(jnp.float32).reshape(*lead, rot // 2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    turned = jnp.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1).reshape(*lead, rot)
+def rotate_head_half(x_bthd: Array, cos: Array, sin: Array) -> Array:
+    """Interleaved RoPE (float32) on the first 2 * cos.shape[-1] dims; the rest pass through."""
+    rot = 2 * cos.shape[-1]
+    turned = apply_rope(x_bthd[..., :rot].astype(jnp.float32), cos, sin, interleaved=True)
     return jnp.concatenate([turned.astype(x_bthd.dtype), x_bthd[..., rot:]], axis=-1)
 
 
-def grouped_attention(q_bthd, k_bsgd, v_bsgd, allowed_bts, probs_dropout=lambda p: p) -> Array:
-    """softmax(q k^T / sqrt(D), masked where not allowed) v; query head h reads group h // (H/G)."""
-    b, t, h, d = q_bthd.shape
-    g = k_bsgd.shape[2]
-    q = q_bthd.reshape(b, t, g, h // g, d)
-    scores = jnp.einsum("btgrd,bsgd->bgrts", q, k_bsgd, preferred_element_type=jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(d))
-    # A finite fill: a fully masked row (never built here) would give uniform weights, not NaN.
-    scores = jnp.where(allowed_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = probs_dropout(jax.nn.softmax(scores, axis=-1).astype(v_bsgd.dtype))
-    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v_bsgd, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, d)
+def rms_norm(cfg: ChatGLM2Config, param_dtype, name: str) -> RMSNorm:
+    """The original's RMSNorm: parameter `scale`, w * n in float32, then cast to x's dtype."""
+    return RMSNorm(cfg.layernorm_epsilon, None, param_dtype, "scale", cast_before_scale=False, name=name)
 
 
-class RMSNorm(nn.Module):
-    """w * x / sqrt(mean(x^2) + eps) in float32; the output has x's dtype."""
-
-    eps: float
-    param_dtype: Any = jnp.float32
+class SelfAttention(FamilyModule):
+    """Multi-query attention; with a layer cache it writes this chunk's K/V at `index` first."""
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (scale.astype(jnp.float32) * normed).astype(x.dtype)
-
-
-class SelfAttention(nn.Module):
-    """Multi-query attention; with a layer cache (keys, values, index) it writes at `index`."""
-
-    config: ChatGLM2Config
-    lora: CGCLoRAConfig | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.nowrap
-    def dense(self, features: int, use_bias: bool, name: str) -> Dense:
-        return Dense(features, use_bias, self.lora, self.dtype, self.param_dtype, name=name)
-
-    @nn.compact
-    def __call__(self, x, rope, allowed, adapters, deterministic, layer_cache):
+    def __call__(self, x, rope, allowed, adapters, deterministic, layer_cache, index):
         cfg = self.config
         h, g, d = cfg.num_attention_heads, cfg.multi_query_group_num, cfg.kv_channels
         b, t = x.shape[:2]
-        qkv_layer = self.dense(h * d + 2 * g * d, cfg.qkv_bias, "query_key_value")
-        qkv = qkv_layer(x, adapters, deterministic)
+        qkv = self.dense(h * d + 2 * g * d, cfg.qkv_bias, "query_key_value")(x, adapters, deterministic)
         q, k, v = jnp.split(qkv, [h * d, h * d + g * d], axis=-1)
-        q = apply_rotary(q.reshape(b, t, h, d), *rope)
-        k = apply_rotary(k.reshape(b, t, g, d), *rope)
-        v = v.reshape(b, t, g, d)
-        if layer_cache is not None:
-            keys, values, index = layer_cache
-            keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, index, 0, 0))
-            values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, index, 0, 0))
-            layer_cache = (keys, values)
-            k, v = keys.astype(self.dtype), values.astype(self.dtype)
+        q = rotate_head_half(q.reshape(b, t, h, d), *rope)
+        k = rotate_head_half(k.reshape(b, t, g, d), *rope)
         drop = nn.Dropout(cfg.attention_dropout, name="attention_dropout")
-        context = grouped_attention(q, k, v, allowed, lambda p: drop(p, deterministic))
-        context = context.reshape(b, t, h * d).astype(self.dtype)
+        context, layer_cache = cached_attention(
+            q, k, v.reshape(b, t, g, d), allowed, layer_cache, index,
+            probs_dropout=lambda p: drop(p, deterministic),
+        )
         dense = self.dense(cfg.hidden_size, cfg.add_bias_linear, "dense")
-        return dense(context, adapters, deterministic), layer_cache
+        return dense(context.reshape(b, t, h * d), adapters, deterministic), layer_cache
 
 
-class MLP(nn.Module):
+class MLP(FamilyModule):
     """dense_4h_to_h(silu(a) * b) with [a | b] = dense_h_to_4h(x)."""
-
-    config: ChatGLM2Config
-    lora: CGCLoRAConfig | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, adapters, deterministic):
         cfg = self.config
-        dense = lambda features, name: Dense(  # noqa: E731
-            features, cfg.add_bias_linear, self.lora, self.dtype, self.param_dtype, name=name
-        )
-        ab = dense(2 * cfg.ffn_hidden_size, "dense_h_to_4h")(x, adapters, deterministic)
+        ab = self.dense(2 * cfg.ffn_hidden_size, cfg.add_bias_linear, "dense_h_to_4h")(x, adapters, deterministic)
         a, b = jnp.split(ab, 2, axis=-1)
-        return dense(cfg.hidden_size, "dense_4h_to_h")(nn.silu(a) * b, adapters, deterministic)
+        down = self.dense(cfg.hidden_size, cfg.add_bias_linear, "dense_4h_to_h")
+        return down(nn.silu(a) * b, adapters, deterministic)
 
 
-class GLMBlock(nn.Module):
+class GLMBlock(FamilyModule):
     """x + Attention(RMSNorm(x)), then + MLP(RMSNorm(.)); returns (hidden, updated layer cache)."""
 
-    config: ChatGLM2Config
-    lora: CGCLoRAConfig | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
     @nn.compact
-    def __call__(self, hidden, rope, allowed, adapters, layer_cache, deterministic):
-        cfg, kw = self.config, dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
-        eps = cfg.layernorm_epsilon
-        norm = lambda name: RMSNorm(eps, self.param_dtype, name=name)  # noqa: E731
+    def __call__(self, hidden, rope, allowed, adapters, layer_cache, index, deterministic):
+        cfg, sub = self.config, (self.config, self.lora, self.dtype, self.param_dtype)
         drop = nn.Dropout(cfg.hidden_dropout)
-        attn, layer_cache = SelfAttention(cfg, name="self_attention", **kw)(
-            norm("input_layernorm")(hidden), rope, allowed, adapters, deterministic, layer_cache
+        attn, layer_cache = SelfAttention(*sub, name="self_attention")(
+            rms_norm(cfg, self.param_dtype, "input_layernorm")(hidden), rope, allowed, adapters,
+            deterministic, layer_cache, index,
         )
         hidden = hidden + drop(attn, deterministic=deterministic)
-        normed = norm("post_attention_layernorm")(hidden)
-        mlp = MLP(cfg, name="mlp", **kw)(normed, adapters, deterministic)
+        normed = rms_norm(cfg, self.param_dtype, "post_attention_layernorm")(hidden)
+        mlp = MLP(*sub, name="mlp")(normed, adapters, deterministic)
         return hidden + drop(mlp, deterministic=deterministic), layer_cache
 
 
-class Embedding(nn.Module):
+class Embedding(FamilyModule):
     """Token embedding, its own module so the path reads transformer/embedding/word_embeddings."""
-
-    config: ChatGLM2Config
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, input_ids: Array) -> Array:
@@ -294,118 +198,90 @@ class Embedding(nn.Module):
         )(input_ids)
 
 
-class GLMTransformer(nn.Module):
+class GLMTransformer(FamilyModule):
     """The blocks and the final RMSNorm; `remat` recomputes each block in the backward pass."""
 
-    config: ChatGLM2Config
-    lora: CGCLoRAConfig | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
     remat: bool = False
 
     @nn.compact
-    def __call__(self, hidden, rope, allowed, adapters, layer_caches, deterministic):
+    def __call__(self, hidden, rope, allowed, adapters, layer_caches, index, deterministic):
         cfg = self.config
-        # static_argnums counts self as 0: `deterministic` (a Python bool) is argument 6.
-        block = nn.remat(GLMBlock, static_argnums=(6,)) if self.remat else GLMBlock
+        # static_argnums counts self as 0: `deterministic` (a Python bool) is argument 7.
+        block = nn.remat(GLMBlock, static_argnums=(7,)) if self.remat else GLMBlock
         new_caches = []
         for i in range(cfg.num_layers):
             layer_cache = None if layer_caches is None else layer_caches[i]
             hidden, layer_cache = block(
                 cfg, self.lora, self.dtype, self.param_dtype, name=f"layers_{i}"
-            )(hidden, rope, allowed, adapters, layer_cache, deterministic)
+            )(hidden, rope, allowed, adapters, layer_cache, index, deterministic)
             new_caches.append(layer_cache)
         if cfg.post_layer_norm:
-            final_norm = RMSNorm(cfg.layernorm_epsilon, self.param_dtype, name="final_layernorm")
-            hidden = final_norm(hidden)
-        return hidden, new_caches
+            hidden = rms_norm(cfg, self.param_dtype, "final_layernorm")(hidden)
+        return hidden, None if layer_caches is None else tuple(new_caches)
 
 
-class ChatGLM2Model(nn.Module):
+class ChatGLM2Model(FamilyModule):
     """embedding -> encoder -> output_layer, under the checkpoint's "transformer" prefix."""
 
-    config: ChatGLM2Config
-    lora: CGCLoRAConfig | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
     remat: bool = False
 
     @nn.compact
-    def __call__(self, input_ids, positions, allowed, adapters, layer_caches, deterministic):
-        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        hidden = Embedding(cfg, name="embedding", **kw)(input_ids)
-        rope = rotary_cos_sin(positions, cfg.kv_channels // 2, cfg.rope_ratio)
-        encoder = GLMTransformer(cfg, self.lora, remat=self.remat, name="encoder", **kw)
-        hidden, layer_caches = encoder(hidden, rope, allowed, adapters, layer_caches, deterministic)
-        output_layer = Dense(cfg.padded_vocab_size, False, self.lora, name="output_layer", **kw)
+    def __call__(self, input_ids, positions, allowed, adapters, layer_caches, index, deterministic):
+        cfg, sub = self.config, (self.config, self.lora, self.dtype, self.param_dtype)
+        hidden = Embedding(*sub, name="embedding")(input_ids)
+        rot_dim = cfg.kv_channels // 2
+        rope = rope_cos_sin(positions, rope_inv_freq(rot_dim, 10000.0 * cfg.rope_ratio), jnp.float32)
+        encoder = GLMTransformer(*sub, self.remat, name="encoder")
+        hidden, layer_caches = encoder(hidden, rope, allowed, adapters, layer_caches, index, deterministic)
+        output_layer = self.dense(cfg.padded_vocab_size, False, "output_layer")
         return output_layer(hidden, adapters, deterministic).astype(jnp.float32), layer_caches
 
 
-class ChatGLM2ForCausalLM(nn.Module):
+class ChatGLM2ForCausalLM(CausalLM):
     """The model of the module docstring; parameters under "transformer" (and "task_gate")."""
 
-    config: ChatGLM2Config
-    lora: CGCLoRAConfig | None = None
-    dtype: Any = jnp.float32  # activation dtype (norms, rotary and softmax stay float32)
-    param_dtype: Any = jnp.float32
-    remat: bool = False  # recompute each block in the backward pass
+    def setup(self):
+        super().setup()
+        self.transformer = ChatGLM2Model(self.config, self.lora, self.dtype, self.param_dtype, self.remat)
 
     def __call__(self, input_ids, attention_mask=None, task_ids=None, deterministic=True) -> Array:
         mask = _token_mask(input_ids, attention_mask)
-        logits, _ = self._forward(
-            input_ids, position_ids(mask), prompt_attention(mask), task_ids, None, deterministic
+        causal = jnp.tril(jnp.ones((mask.shape[1],) * 2, bool))
+        logits, _ = self.transformer(
+            input_ids, left_pad_positions(mask), allowed_keys(mask, causal, mask),
+            self._adapters(task_ids, input_ids.shape[0]), None, 0, deterministic,
         )
         return logits
 
-    def decode(self, input_ids, attention_mask=None, task_ids=None, *, cache: KVCache):
+    def decode(self, input_ids, attention_mask=None, task_ids=None, *, cache: dict):
         """T new tokens per row against the cache -> (logits [B, T, V], updated cache).
 
         Writes past the cache's max_length are dropped silently: size `init_cache` for the
         prompt plus every new token.
         """
         mask = _token_mask(input_ids, attention_mask)
-        valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
-        layer_caches = [(k, v, cache.index) for k, v in zip(cache.keys, cache.values)]
-        logits, layer_caches = self._forward(
-            input_ids,
-            position_ids(mask, cache.next_position),
-            cached_attention(mask, valid, cache.index),
-            task_ids,
-            layer_caches,
-            True,
+        index, t = cache["index"], input_ids.shape[1]
+        valid, causal = cache_slots(cache, mask)
+        written = jnp.arange(valid.shape[1]) < index + t
+        logits, layers = self.transformer(
+            input_ids, left_pad_positions(mask, cache["next_position"]),
+            allowed_keys(mask, causal, valid, written), self._adapters(task_ids, input_ids.shape[0]),
+            cache["layers"], index, True,
         )
-        cache = KVCache(
-            keys=tuple(k for k, _ in layer_caches),
-            values=tuple(v for _, v in layer_caches),
-            valid=valid,
-            index=cache.index + input_ids.shape[1],
-            next_position=cache.next_position + jnp.sum(mask, axis=1, dtype=jnp.int32),
-        )
-        return logits, cache
+        return logits, {
+            "index": index + t,
+            "valid": valid,
+            "layers": layers,
+            "next_position": cache["next_position"] + jnp.sum(mask, axis=1, dtype=jnp.int32),
+        }
 
     @nn.nowrap
-    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
-        dtype = dtype or self.dtype or jnp.float32  # the cache holds K/V in the compute dtype
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
+        """Empty KV cache (models/blocks.py), K/V in the compute dtype unless `dtype`; position
+        state: next_position [B], the rotary position of each row's next token."""
         cfg = self.config
-        shape = (batch_size, max_length, cfg.multi_query_group_num, cfg.kv_channels)
-        return KVCache(
-            keys=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-            values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-            valid=jnp.zeros((batch_size, max_length), bool),
-            index=jnp.zeros((), jnp.int32),
-            next_position=jnp.zeros((batch_size,), jnp.int32),
-        )
-
-    @nn.compact
-    def _forward(self, input_ids, positions, allowed, task_ids, layer_caches, deterministic):
-        adapters: AdapterInputs | None = None
-        if self.lora is not None:
-            gate = TaskRouting(self.lora, name="task_gate")
-            adapters = gate(task_ids, input_ids.shape[0])
-        transformer = ChatGLM2Model(
-            self.config, self.lora, self.dtype, self.param_dtype, self.remat, name="transformer"
-        )
-        return transformer(input_ids, positions, allowed, adapters, layer_caches, deterministic)
+        return init_kv_cache(batch_size, max_length, cfg.num_layers, cfg.multi_query_group_num,
+                             cfg.kv_channels, dtype or self.dtype or jnp.float32, ("next_position",))
 
 
 def _token_mask(input_ids: Array, attention_mask: Array | None) -> Array:
@@ -420,54 +296,6 @@ def build(
     return ChatGLM2ForCausalLM(config, lora=lora, dtype=dtype, param_dtype=param_dtype, remat=remat)
 
 
-def key_map(config: ChatGLM2Config) -> KeyMap:
-    """Every stored tensor -> (Flax path, transpose?); torch Linear [out, in] -> kernel [in, out]"""
-    top = ("transformer",)
-    keys: KeyMap = {
-        "transformer.embedding.word_embeddings.weight": (
-            top + ("embedding", "word_embeddings", "embedding"),
-            False,
-        )
-    }
-    linears = (
-        ("self_attention.query_key_value", config.qkv_bias),
-        ("self_attention.dense", config.add_bias_linear),
-        ("mlp.dense_h_to_4h", config.add_bias_linear),
-        ("mlp.dense_4h_to_h", config.add_bias_linear),
-    )
-    for i in range(config.num_layers):
-        hf, fx = f"transformer.encoder.layers.{i}.", top + ("encoder", f"layers_{i}")
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            keys[f"{hf}{norm}.weight"] = (fx + (norm, "scale"), False)
-        for name, has_bias in linears:
-            keys[f"{hf}{name}.weight"] = (fx + (*name.split("."), "kernel"), True)
-            if has_bias:
-                keys[f"{hf}{name}.bias"] = (fx + (*name.split("."), "bias"), False)
-    if config.post_layer_norm:
-        final = top + ("encoder", "final_layernorm", "scale")
-        keys["transformer.encoder.final_layernorm.weight"] = (final, False)
-    keys["transformer.output_layer.weight"] = (top + ("output_layer", "kernel"), True)
-    return keys
-
-
-# Megatron layout: column-parallel qkv / dense_h_to_4h (output features over "tensor"), row-parallel
-# dense / dense_4h_to_h (input features over "tensor"); the other kernel axis over "fsdp".
-# The same layer names as ChatGLM-6B, so the paper's targets carry over.
-PAPER_LORA_TARGETS = r"(query_key_value|dense|dense_h_to_4h|dense_4h_to_h)$"
-
-PARTITION_RULES: tuple[tuple[str, P], ...] = (
-    (r"embedding/word_embeddings/embedding$", P("tensor", "fsdp")),
-    (r"(query_key_value|dense_h_to_4h)/kernel$", P("fsdp", "tensor")),
-    (r"(query_key_value|dense_h_to_4h)/bias$", P("tensor")),
-    (r"(self_attention/dense|dense_4h_to_h)/kernel$", P("tensor", "fsdp")),
-    (r"(self_attention/dense|dense_4h_to_h)/bias$", P()),
-    (r"layernorm/scale$", P()),
-    (r"output_layer/kernel$", P("fsdp", "tensor")),
-    *ADAPTER_RULES,
-    (r".*", P()),
-)
-
-
 def matches(hf_config: dict) -> bool:
     """ChatGLM2-6B and ChatGLM3-6B: model_type "chatglm" with the v2 fields (v1 has neither)."""
     return hf_config.get("model_type") == "chatglm" and (
@@ -475,15 +303,13 @@ def matches(hf_config: dict) -> bool:
     )
 
 
-FAMILY = register(
-    ModelFamily(
-        name="chatglm2",
-        matches=matches,
-        config_from_hf=ChatGLM2Config.from_hf,
-        build=build,
-        key_map=key_map,
-        ignored_keys=r"^transformer\.rotary_pos_emb\.inv_freq$",
-        partition_rules=PARTITION_RULES,
-        default_lora_targets=PAPER_LORA_TARGETS,
-    )
+FAMILY = ModelFamily(
+    name="chatglm2",
+    matches=matches,
+    config_from_hf=ChatGLM2Config.from_hf,
+    build=build,
+    key_map=key_map,
+    ignored_keys=IGNORED_KEYS,
+    partition_rules=PARTITION_RULES,
+    default_lora_targets=PAPER_LORA_TARGETS,
 )

@@ -10,31 +10,34 @@ One block, pre-norm (Qwen2 = Llama with a bias on q/k/v):
 RoPE uses rotate-half pairs (x_i, x_{i+D/2}) with inv_freq = 1 / theta^(2i/D) (optionally rescaled,
 "linear" or "llama3"). Grouped-query attention: K/V have `num_key_value_heads` heads, each serving
 num_heads / num_kv_heads consecutive query heads. Logits = lm_head(RMSNorm(h_L)), or h_L E^T when
-the embeddings are tied. Positions follow left padding: cumsum(attention_mask) - 1, clipped at 0.
+the embeddings are tied. Positions follow left padding: cumsum(attention_mask) - 1, 0 on pads.
+The blocks are models/blocks.py's (RMSNorm casts back before the scale, as transformers' does);
+the checkpoint key map and partition rules are models/llama_keys.py.
 
     cfg = LlamaConfig.from_hf(json.load(open("config.json")))
     model = LlamaForCausalLM(cfg, lora=CGCLoRAConfig(num_tasks=4, targets="q_proj|v_proj"))
     logits = model.apply({"params": params}, input_ids, attention_mask, task_ids)
 
-The KV cache (`init_cache`, `decode`) holds keys after RoPE in fixed [B, max_length] slots; the
-prompt fills slots from 0 and each step writes the next slot, so decoding never changes shapes.
+The KV cache (`init_cache`, `decode`; layout in models/blocks.py) holds keys after RoPE in fixed
+[B, max_length] slots; the prompt fills slots from 0 and each step writes the next slot, so
+decoding never changes shapes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
-from cgc_lora_jax.layers import AdapterInputs, CGCLoRAConfig, Dense, TaskRouting
 from cgc_lora_jax.data.packing import segment_mask, segment_positions
-from cgc_lora_jax.sharding import ADAPTER_RULES
-from cgc_lora_jax.models.family import KeyMap, ModelFamily, register
+from cgc_lora_jax.models.blocks import (CausalLM, FamilyModule, RMSNorm, apply_rope, cache_slots, cached_attention,
+                                        init_kv_cache, left_pad_positions, rope_cos_sin)
+from cgc_lora_jax.models.blocks import rope_inv_freq as rope_base_inv_freq
+from cgc_lora_jax.models.family_spec import ModelFamily
+from cgc_lora_jax.models.llama_keys import DEFAULT_LORA_TARGETS, IGNORED_KEYS, PARTITION_RULES, key_map
 
 Array = jax.Array
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -118,9 +121,7 @@ class LlamaConfig:
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
     """inv_freq [head_dim/2] float32, computed like transformers' rope init functions."""
-    dim = cfg.head_dim
-    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-    inv_freq = 1.0 / (np.float32(cfg.rope_theta) ** exponents)
+    inv_freq = rope_base_inv_freq(cfg.head_dim, cfg.rope_theta)
     if cfg.rope_type == "linear":
         inv_freq = inv_freq / np.float32(cfg.rope_factor)
     elif cfg.rope_type == "llama3":
@@ -138,65 +139,9 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def rope_cos_sin(positions_bt: Array, inv_freq: np.ndarray, dtype) -> tuple[Array, Array]:
-    """cos, sin [B, T, 1, head_dim] of angles pos * inv_freq, duplicated for rotate-half."""
-    angles = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
-
-
-def apply_rope(x_bthd: Array, cos: Array, sin: Array) -> Array:
-    """x cos + rotate_half(x) sin, with rotate_half([a, b]) = [-b, a]."""
-    half = x_bthd.shape[-1] // 2
-    rotated = jnp.concatenate([-x_bthd[..., half:], x_bthd[..., :half]], axis=-1)
-    return x_bthd * cos + rotated * sin
-
-
-def left_pad_positions(attention_mask: Array, start: Array | int = 0) -> Array:
-    """Positions of a left-padded chunk: start + cumsum(mask) - 1, clipped at 0 (pads get 0)."""
-    positions = jnp.asarray(start)[..., None] + jnp.cumsum(attention_mask, axis=-1) - 1
-    return jnp.maximum(positions, 0).astype(jnp.int32)
-
-
-def grouped_attention(q_bthd: Array, k_bksd: Array, v_bksd: Array, mask_bts: Array) -> Array:
-    """softmax(q k^T / sqrt(D), masked) v with K/V heads shared by groups of query heads.
-
-    K/V come heads-major [B, KV, S, D], the layout both matmuls read without a transpose, so a
-    decode step never copies the whole cache.
-    """
-    b, t, h, d = q_bthd.shape
-    kv = k_bksd.shape[1]
-    q = q_bthd.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k_bksd, preferred_element_type=jnp.float32) * d**-0.5
-    scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bksd.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v_bksd, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, d).astype(q_bthd.dtype)
-
-
-class RMSNorm(nn.Module):
-    """w * x / sqrt(mean(x^2) + eps), normalised in float32 and cast back before the scale."""
-
-    eps: float
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return weight.astype(self.dtype) * normed.astype(self.dtype)
-
-
-class LlamaAttention(nn.Module):
+class LlamaAttention(FamilyModule):
     """q/k/v/o projections, RoPE, grouped-query attention; writes K/V into `layer_cache` if given
-    ({"key", "value"} [B, KV, S, D], slots from `cache_index` on)."""
-
-    config: LlamaConfig
-    lora: CGCLoRAConfig | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    (blocks.py's cache layout, slots from `cache_index` on)."""
 
     @nn.compact
     def __call__(self, x, cos, sin, mask_bts, adapters, deterministic, layer_cache=None, cache_index=0):
@@ -204,58 +149,32 @@ class LlamaAttention(nn.Module):
         b, t, _ = x.shape
 
         def proj(features, use_bias, name, inputs):
-            return Dense(features, use_bias, self.lora, self.dtype, self.param_dtype, name=name)(
-                inputs, adapters, deterministic
-            )
+            return self.dense(features, use_bias, name)(inputs, adapters, deterministic)
 
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q = apply_rope(proj(h * d, cfg.qkv_bias, "q_proj", x).reshape(b, t, h, d), cos, sin)
         k = apply_rope(proj(kv * d, cfg.qkv_bias, "k_proj", x).reshape(b, t, kv, d), cos, sin)
         v = proj(kv * d, cfg.qkv_bias, "v_proj", x).reshape(b, t, kv, d)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # heads-major [B, KV, T, D]
-        if layer_cache is not None:
-
-            def write(cached, new):
-                return jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype), (0, 0, cache_index, 0))
-
-            layer_cache = {"key": write(layer_cache["key"], k), "value": write(layer_cache["value"], v)}
-            k, v = layer_cache["key"].astype(q.dtype), layer_cache["value"].astype(q.dtype)
-            if jax.default_backend() == "cpu" and q.dtype == jnp.bfloat16:
-                # XLA:CPU runs a dot over the cache buffer as a DotThunk, which has no bf16 x bf16 ->
-                # f32 kernel: attend in float32 there (the cache is small next to the weights)
-                q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
-        out = grouped_attention(q, k, v, mask_bts).reshape(b, t, -1).astype(x.dtype)
-        return proj(cfg.hidden_size, cfg.o_bias, "o_proj", out), layer_cache
+        out, layer_cache = cached_attention(q, k, v, mask_bts, layer_cache, cache_index)
+        return proj(cfg.hidden_size, cfg.o_bias, "o_proj", out.reshape(b, t, -1)), layer_cache
 
 
-class LlamaMLP(nn.Module):
+class LlamaMLP(FamilyModule):
     """down_proj(silu(gate_proj(x)) * up_proj(x))."""
-
-    config: LlamaConfig
-    lora: CGCLoRAConfig | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, adapters, deterministic):
         cfg = self.config
 
         def proj(features, name, inputs):
-            return Dense(features, cfg.mlp_bias, self.lora, self.dtype, self.param_dtype, name=name)(
-                inputs, adapters, deterministic
-            )
+            return self.dense(features, cfg.mlp_bias, name)(inputs, adapters, deterministic)
 
         gate, up = proj(cfg.intermediate_size, "gate_proj", x), proj(cfg.intermediate_size, "up_proj", x)
         return proj(cfg.hidden_size, "down_proj", nn.silu(gate) * up)
 
 
-class LlamaBlock(nn.Module):
+class LlamaBlock(FamilyModule):
     """x + attn(RMSNorm(x)), then + mlp(RMSNorm(.)); returns (x, updated layer_cache)."""
-
-    config: LlamaConfig
-    lora: CGCLoRAConfig | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, cos, sin, mask_bts, adapters, deterministic, layer_cache=None, cache_index=0):
@@ -272,13 +191,9 @@ class LlamaBlock(nn.Module):
         return x + mlp_out, layer_cache
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(FamilyModule):
     """embed_tokens -> layers_0..L-1 -> norm; the HF `model.` prefix."""
 
-    config: LlamaConfig
-    lora: CGCLoRAConfig | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
     remat: bool = False
 
     def setup(self):
@@ -304,24 +219,14 @@ class LlamaModel(nn.Module):
         return self.norm(x), (None if cache_layers is None else tuple(new_cache))
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """The causal LM: `model` + `lm_head` (or tied embeddings) + the CGC-LoRA `task_gate`."""
 
-    config: LlamaConfig
-    lora: CGCLoRAConfig | None = None
-    dtype: Any = jnp.float32  # activation / compute dtype
-    param_dtype: Any = jnp.float32  # parameter storage dtype
-    remat: bool = False  # rematerialise each block in the backward pass
-
     def setup(self):
+        super().setup()
         self.model = LlamaModel(self.config, self.lora, self.dtype, self.param_dtype, self.remat)
         if not self.config.tie_word_embeddings:
-            self.lm_head = Dense(self.config.vocab_size, False, self.lora, self.dtype, self.param_dtype)
-        if self.lora is not None:
-            self.task_gate = TaskRouting(self.lora)
-
-    def _adapters(self, task_ids, batch_size) -> AdapterInputs | None:
-        return None if self.lora is None else self.task_gate(task_ids, batch_size)
+            self.lm_head = self.dense(self.config.vocab_size, False)
 
     def _logits(self, hidden, adapters, deterministic) -> Array:
         if self.config.tie_word_embeddings:
@@ -363,23 +268,13 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.model(input_ids, positions, mask_bts, adapters, deterministic)
         return hidden, adapters
 
+    @nn.nowrap
     def init_cache(self, batch_size: int, max_length: int) -> dict:
-        """Empty KV cache: slots [0, max_length) per row, all invalid; needs no parameters.
-
-        index: next slot to write; next_position [B]: RoPE position of the row's next token;
-        key_valid [B, S]: slots holding a real token (pads and unwritten slots are False).
-        """
-        cfg, dtype = self.config, self.dtype
-        shape = (batch_size, cfg.num_key_value_heads, max_length, cfg.head_dim)
-        return {
-            "index": jnp.zeros((), jnp.int32),
-            "next_position": jnp.zeros((batch_size,), jnp.int32),
-            "key_valid": jnp.zeros((batch_size, max_length), bool),
-            "layers": tuple(
-                {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
-                for _ in range(cfg.num_hidden_layers)
-            ),
-        }
+        """Empty KV cache (models/blocks.py) of max_length slots per row; needs no parameters.
+        Position state: next_position [B], the RoPE position of the row's next token."""
+        cfg = self.config
+        return init_kv_cache(batch_size, max_length, cfg.num_hidden_layers, cfg.num_key_value_heads,
+                             cfg.head_dim, self.dtype, ("next_position",))
 
     def decode(self, input_ids, attention_mask=None, task_ids=None, cache=None, deterministic=True,
                last_only=False):
@@ -393,94 +288,39 @@ class LlamaForCausalLM(nn.Module):
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
-        index = cache["index"]
-        key_valid = jax.lax.dynamic_update_slice(
-            cache["key_valid"], attention_mask.astype(bool), (0, index)
-        )
-        slots = jnp.arange(key_valid.shape[1])
-        causal_ts = slots[None, :] <= (index + jnp.arange(t))[:, None]
-        mask_bts = causal_ts[None] & key_valid[:, None, :]
+        valid, causal_ts = cache_slots(cache, attention_mask)
         positions = left_pad_positions(attention_mask, cache["next_position"])
         adapters = self._adapters(task_ids, b)
         hidden, layers = self.model(
-            input_ids, positions, mask_bts, adapters, deterministic, cache["layers"], index
+            input_ids, positions, causal_ts[None] & valid[:, None, :], adapters, deterministic,
+            cache["layers"], cache["index"],
         )
         cache = {
-            "index": index + t,
-            "next_position": cache["next_position"] + jnp.sum(attention_mask, -1, dtype=jnp.int32),
-            "key_valid": key_valid,
+            "index": cache["index"] + t,
+            "valid": valid,
             "layers": layers,
+            "next_position": cache["next_position"] + jnp.sum(attention_mask, -1, dtype=jnp.int32),
         }
         hidden = hidden[:, -1:] if last_only else hidden
         return self._logits(hidden, adapters, deterministic), cache
 
 
 def build(config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, lora=None, remat=False):
-    """The family's module constructor (models/family.py `ModelFamily.build`)."""
+    """The family's module constructor (models/family_spec.py `ModelFamily.build`)."""
     return LlamaForCausalLM(config, lora=lora, dtype=dtype, param_dtype=param_dtype, remat=remat)
-
-
-def key_map(config: LlamaConfig) -> KeyMap:
-    """HF tensor name -> (Flax path, transpose?); torch Linear [out, in] -> Flax kernel [in, out]."""
-    keys: KeyMap = {
-        "model.embed_tokens.weight": (("model", "embed_tokens", "embedding"), False),
-        "model.norm.weight": (("model", "norm", "weight"), False),
-    }
-    projections = (
-        ("self_attn", "q_proj", config.qkv_bias),
-        ("self_attn", "k_proj", config.qkv_bias),
-        ("self_attn", "v_proj", config.qkv_bias),
-        ("self_attn", "o_proj", config.o_bias),
-        ("mlp", "gate_proj", config.mlp_bias),
-        ("mlp", "up_proj", config.mlp_bias),
-        ("mlp", "down_proj", config.mlp_bias),
-    )
-    for i in range(config.num_hidden_layers):
-        hf, fx = f"model.layers.{i}.", ("model", f"layers_{i}")
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            keys[f"{hf}{norm}.weight"] = (fx + (norm, "weight"), False)
-        for parent, proj, has_bias in projections:
-            keys[f"{hf}{parent}.{proj}.weight"] = (fx + (parent, proj, "kernel"), True)
-            if has_bias:
-                keys[f"{hf}{parent}.{proj}.bias"] = (fx + (parent, proj, "bias"), False)
-    if not config.tie_word_embeddings:
-        keys["lm_head.weight"] = (("lm_head", "kernel"), True)
-    return keys
-
-
-# Megatron layout: q/k/v/gate/up split their outputs over "tensor" (column-parallel), o/down their
-# inputs (row-parallel), so each block needs one all-reduce per sublayer; "fsdp" shards the other
-# kernel axis. Embeddings and norms stay replicated.
-PARTITION_RULES: tuple[tuple[str, P], ...] = (
-    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", P("fsdp", "tensor")),
-    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/bias$", P("tensor")),
-    (r"(o_proj|down_proj)/kernel$", P("tensor", "fsdp")),
-    (r"(o_proj|down_proj)/bias$", P()),
-    (r"^lm_head/kernel$", P("fsdp", "tensor")),
-    (r"embed_tokens/embedding$", P()),
-    (r"(layernorm|norm)/weight$", P()),
-    *ADAPTER_RULES,
-    (r".*", P()),
-)
-
-IGNORED_KEYS = r"rotary_emb\.inv_freq$"
-# Every linear layer of the blocks (levanter's default), not the vocabulary head.
-DEFAULT_LORA_TARGETS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"  # older checkpoints store the derived RoPE buffer
 
 
 def _family(model_type: str) -> ModelFamily:
     """Llama and Qwen2 share the module, key map and rules; config.json's model_type tells them apart."""
-    return register(
-        ModelFamily(
-            name=model_type,
-            matches=lambda hf: hf.get("model_type") == model_type,
-            config_from_hf=LlamaConfig.from_hf,
-            build=build,
-            key_map=key_map,
-            ignored_keys=IGNORED_KEYS,
-            partition_rules=PARTITION_RULES,
-            default_lora_targets=DEFAULT_LORA_TARGETS,
-        )
+    return ModelFamily(
+        name=model_type,
+        matches=lambda hf: hf.get("model_type") == model_type,
+        config_from_hf=LlamaConfig.from_hf,
+        build=build,
+        key_map=key_map,
+        ignored_keys=IGNORED_KEYS,
+        partition_rules=PARTITION_RULES,
+        default_lora_targets=DEFAULT_LORA_TARGETS,
     )
 
 

@@ -123,7 +123,7 @@ def test_single_logits(case, forward):
 def test_batch_logits_and_positions(case, forward):
     ref = case["ref"]
     mask = jnp.asarray(ref["batch_attention_mask"])
-    np.testing.assert_array_equal(chatglm2.position_ids(mask), ref["batch_position_ids"])
+    np.testing.assert_array_equal(chatglm2.left_pad_positions(mask), ref["batch_position_ids"])
     logits = forward(case["params"], jnp.asarray(ref["batch_input_ids"]), mask)
     valid = ref["batch_valid_mask"].astype(bool)
     err = rel_err(np.asarray(logits)[valid], ref["batch_logits"][valid])
