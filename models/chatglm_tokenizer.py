@@ -13,7 +13,8 @@ v1 (`ice_text.model`, built with num_image_tokens=0, so sentencepiece ids are mo
   Text is rewritten before sentencepiece, and back after decoding: "\\n" -> "<n>", "\\t" -> "<|tab|>",
   a run of k >= 2 spaces -> "<|blank_k|>" (runs longer than 80 split into <|blank_80|> chunks).
   encode(text) = text_ids + [gMASK, <sop>]. A batch is left-padded with <pad> and carries GLM's
-  [B, 1, L, L] bool mask (True = masked) and [B, 2, L] positions (see `glm_v1_mask_and_positions`).
+  [B, 1, L, L] bool mask (True = masked) and [B, 2, L] positions (models/glm_layout.py, which the
+  model uses too).
 
 v2 (`tokenizer.model`, 64789 pieces): 0 <unk> (also the pad id), 1 <s>, 2 </s> (eos); five ids
   after the sentencepiece vocabulary: 64789 [MASK], 64790 [gMASK], 64791 [sMASK], 64792 sop,
@@ -42,6 +43,8 @@ from typing import Sequence
 import numpy as np
 import sentencepiece as spm
 
+from cgc_lora_jax.models.glm_layout import glm_layout
+
 # Tokenizer version of each ChatGLM family name (None: read from the folder's files).
 CHATGLM_VERSIONS = {"chatglm": "v1", "chatglm2": None, "chatglm3": "v3"}
 
@@ -55,29 +58,8 @@ _CLEANUP_PAIRS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'
                   (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
-def glm_v1_mask_and_positions(ids: Sequence[int], sop_id: int, mask_id: int, gmask_id: int):
-    """GLM inputs for one unpadded v1 sequence: (mask [1, n, n] bool, True = masked; positions [2, n]).
-
-    context = index of <sop> (n if absent). Query i sees key j when j <= i or j < context.
-    Row 0 is arange(n) with entries >= context set to the index of [MASK] (else [gMASK]);
-    row 1 is 0 before context, then 1, 2, ...
-    """
-    ids = list(ids)
-    n = len(ids)
-    context = ids.index(sop_id) if sop_id in ids else n
-    visible = np.tril(np.ones((n, n), dtype=bool))
-    visible[:, :context] = True
-    position = np.arange(n, dtype=np.int32)
-    mask_token = mask_id if mask_id in ids else gmask_id
-    if mask_token in ids:
-        position[context:] = ids.index(mask_token)
-    block_position = np.concatenate([np.zeros(context, np.int32),
-                                     np.arange(1, n - context + 1, dtype=np.int32)])
-    return ~visible[None], np.stack([position, block_position])
-
-
 class _ChatGLMTokenizer:
-    """Shared batching; subclasses define tokenize/encode/decode and how one row is padded."""
+    """Shared batching; subclasses define tokenize/encode/decode and how a batch is padded."""
 
     version: str
     model_file_name: str
@@ -116,9 +98,12 @@ class _ChatGLMTokenizer:
             raise ValueError(f"max_length={max_length} is shorter than the longest sequence ({longest} ids)")
         if not padding and any(len(ids) != length for ids in rows):
             raise ValueError("sequences have different lengths; call with padding=True")
-        padded = [self._pad_row(ids, length) for ids in rows]
-        batch = {key: np.stack([row[key] for row in padded]) for key in padded[0]}
+        batch = self._pad_batch(rows, length)
         return {key: value[0] for key, value in batch.items()} if single else batch
+
+    def _pad_batch(self, rows: list[list[int]], length: int) -> dict[str, np.ndarray]:
+        """input_ids [B, length] left-padded with pad_token_id, and the version's mask and positions."""
+        raise NotImplementedError
 
 
 class ChatGLMTokenizerV1(_ChatGLMTokenizer):
@@ -167,14 +152,14 @@ class ChatGLMTokenizerV1(_ChatGLMTokenizer):
             text = text.replace(before, after)
         return text
 
-    def _pad_row(self, ids: list[int], length: int) -> dict[str, np.ndarray]:
-        mask, positions = glm_v1_mask_and_positions(ids, self.sop_token_id, self.mask_token_id,
-                                                    self.gmask_token_id)
-        pad = length - len(ids)
+    def _pad_batch(self, rows: list[list[int]], length: int) -> dict[str, np.ndarray]:
+        input_ids = np.asarray([[self.pad_token_id] * (length - len(ids)) + ids for ids in rows], np.int32)
+        real = np.asarray([[False] * (length - len(ids)) + [True] * len(ids) for ids in rows])
+        layout = glm_layout(input_ids, real, self)  # bos = <sop>, [MASK] and [gMASK] ids from self
         return {
-            "input_ids": np.asarray([self.pad_token_id] * pad + ids, np.int32),
-            "attention_mask": np.pad(mask, [(0, 0), (pad, 0), (pad, 0)], constant_values=True),
-            "position_ids": np.pad(positions, [(0, 0), (pad, 0)]),
+            "input_ids": input_ids,
+            "attention_mask": ~np.asarray(layout.visible),  # True = masked, as the original
+            "position_ids": np.asarray(layout.position_ids),
         }
 
 
@@ -218,12 +203,12 @@ class ChatGLM2Tokenizer(_ChatGLMTokenizer):
         # sentencepiece from dropping the next piece's leading "▁" ("[gMASK]sop 你好").
         return self.sp.decode_pieces([self._piece(int(i)) for i in ids])
 
-    def _pad_row(self, ids: list[int], length: int) -> dict[str, np.ndarray]:
-        pad = length - len(ids)
+    def _pad_batch(self, rows: list[list[int]], length: int) -> dict[str, np.ndarray]:
+        pads = [length - len(ids) for ids in rows]
         return {
-            "input_ids": np.asarray([self.pad_token_id] * pad + ids, np.int32),
-            "attention_mask": np.asarray([0] * pad + [1] * len(ids), np.int32),
-            "position_ids": np.asarray([0] * pad + list(range(len(ids))), np.int32),
+            "input_ids": np.asarray([[self.pad_token_id] * pad + ids for pad, ids in zip(pads, rows)], np.int32),
+            "attention_mask": np.asarray([[0] * pad + [1] * len(ids) for pad, ids in zip(pads, rows)], np.int32),
+            "position_ids": np.asarray([[0] * pad + list(range(len(ids))) for pad, ids in zip(pads, rows)], np.int32),
         }
 
 
