@@ -33,7 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python bench/load.py` from a checkout, without installing
 
-from cgc_lora_jax.models.hf_io import TensorSpec, parse_size, write_folder  # noqa: E402
+from cgc_lora_jax.models.weight_writer import TensorSpec, parse_size, write_folder  # noqa: E402
 
 
 def chatglm6b_config(layers: int, vocab: int) -> dict:

@@ -10,7 +10,8 @@ the next is read, so host memory peaks at the loaded parameters plus about one t
 .bin, the pages of the current shard that torch's mmap touched). Expected shapes come from
 `jax.eval_shape(model.init)`: no base parameter is ever initialised. The CGC-LoRA adapters are not
 in checkpoints; they alone get a real init, and since every B starts at zero the loaded model
-computes exactly the base model's outputs.
+computes exactly the base model's outputs. Finding and reading the weights files is
+models/weight_reader.py; writing them, models/weight_writer.py.
 
 A tied copy is several HF names with one Flax path (ChatGLM-6B's `lm_head.weight` and its word
 embeddings): the first fills the parameter, the others must equal it, and saving writes every
@@ -24,32 +25,26 @@ inv_freq buffers, which the PyTorch models compute at construction).
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import gc
 import json
-import math
 import os
 import re
-import shutil
-import struct
-import uuid
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import traverse_util
-from safetensors import safe_open
 
 from cgc_lora_jax.layers import init_adapters
 from cgc_lora_jax.params import is_adapter_path
 from cgc_lora_jax.sharding import match_partition_rules, named_shardings
 from cgc_lora_jax.models.family import ModelFamily, check_lora_targets, detect_family, with_default_targets
-from cgc_lora_jax.models.gguf import GGUFTensorReader, find_gguf, read_gguf
+from cgc_lora_jax.models.gguf import find_gguf, read_gguf
+from cgc_lora_jax.models.weight_reader import locate_tensors, open_weights
+from cgc_lora_jax.models.weight_writer import TensorSpec, main_dtype_name, parse_size, write_folder
 
 FlatParams = dict[tuple[str, ...], Any]
 
@@ -299,266 +294,3 @@ def save_pretrained(
         if field in config_out or (field == "torch_dtype" and "dtype" not in config_out):
             config_out[field] = dtype_name
     return write_folder(Path(path), tensors, config_out, parse_size(max_shard_size))
-
-
-# --- Weights files: locating, reading one tensor at a time, writing -------------------------
-
-SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
-BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-WEIGHT_NAMES = (SAFETENSORS_INDEX, SAFETENSORS, BIN_INDEX, BIN)  # looked for in this order
-_WEIGHT_FILE = re.compile(r"(model.*\.safetensors|pytorch_model.*\.bin)(\.index\.json)?")
-_ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}  # fmt: skip
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-
-
-def locate_tensors(folder: Path) -> dict[str, Path]:
-    """{HF tensor name: the weights file holding it}, from the index or the single file."""
-    if (gguf_file := find_gguf(folder)) is not None:
-        return {key: gguf_file for key in read_gguf(gguf_file).tensors}
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder")
-    for name in WEIGHT_NAMES:
-        file = folder / name
-        if not file.is_file():
-            continue
-        if name.endswith(".index.json"):
-            try:
-                weight_map = json.loads(file.read_text())["weight_map"]
-                shards = {str(key): folder / str(shard) for key, shard in weight_map.items()}
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise ValueError(f"{file} is not a valid index (needs a 'weight_map' object): {e!r}") from e
-            for key, shard in shards.items():
-                if not shard.is_file():
-                    raise FileNotFoundError(
-                        f"{file} names shard {shard.name!r} (for key {key!r}), which is not in {folder}"
-                    )
-            return shards
-        with open_weights(file) as reader:
-            return {key: file for key in reader.keys()}
-    raise FileNotFoundError(f"no weights in {folder}: looked for {', '.join(WEIGHT_NAMES)}")
-
-
-@contextlib.contextmanager
-def open_weights(file: Path):
-    """A reader with keys(), ordered(keys) (file order) and read(key) -> numpy array."""
-    if file.suffix == ".gguf":
-        reader = GGUFTensorReader(file)
-    else:
-        reader = _SafetensorsReader(file) if file.name.endswith(".safetensors") else _TorchReader(file)
-    try:
-        yield reader
-    finally:
-        reader.close()
-
-
-def _aligned_bytes(nbytes: int, alignment: int = 64) -> np.ndarray:
-    """An uninitialised uint8 buffer whose start is `alignment`-aligned (XLA CPU's requirement
-    for adopting host memory without a copy)."""
-    raw = np.empty(nbytes + alignment, np.uint8)
-    start = -raw.ctypes.data % alignment
-    return raw[start : start + nbytes]
-
-
-class _SafetensorsReader:
-    """Parses the header, then reads each tensor into its own buffer (no mmap of the file)."""
-
-    def __init__(self, file: Path):
-        self.file, size = file, file.stat().st_size
-        self.handle = open(file, "rb", buffering=0)  # noqa: SIM115 - closed by close()
-        try:
-            (header_len,) = struct.unpack("<Q", self.handle.read(8))
-            if header_len > size - 8:
-                raise ValueError(f"header of {header_len} bytes, but the file has {size} bytes")
-            header = json.loads(self.handle.read(header_len))
-            header.pop("__metadata__", None)
-            self.entries = {}
-            for key, info in header.items():
-                dtype, shape = np.dtype(_ST_DTYPES[info["dtype"]]), tuple(info["shape"])
-                begin, end = info["data_offsets"]
-                if end - begin != math.prod(shape) * dtype.itemsize or 8 + header_len + end > size:
-                    raise ValueError(f"tensor {key!r} needs data bytes {begin}..{end}, beyond the file's end")
-                self.entries[key] = (dtype, shape, 8 + header_len + begin)
-            with safe_open(str(file), framework="numpy"):  # the library's own checks
-                pass
-        except Exception as e:  # noqa: BLE001 - every parse failure means the same to the user
-            self.handle.close()
-            raise ValueError(f"{file} is not a valid safetensors file (truncated or corrupt): {e}") from e
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def ordered(self, keys) -> list[str]:
-        return sorted(keys, key=lambda k: self.entries.get(k, (None, None, -1))[2])
-
-    def read(self, key: str) -> np.ndarray:
-        if key not in self.entries:
-            raise ValueError(f"key {key!r} is not in {self.file}, though the index names that file for it")
-        dtype, shape, start = self.entries[key]
-        buffer = _aligned_bytes(math.prod(shape) * dtype.itemsize)
-        view, done = memoryview(buffer), 0
-        self.handle.seek(start)
-        while done < buffer.size:  # raw reads may return less (Linux caps one read near 2 GiB)
-            got = self.handle.readinto(view[done:])
-            if not got:
-                raise ValueError(f"{self.file} is truncated: key {key!r} ends past the end of the file")
-            done += got
-        return buffer.view(dtype).reshape(shape)
-
-    def close(self):
-        self.handle.close()
-
-
-def _import_torch(file: Path):
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(
-            f"reading {file} needs torch (pip install 'cgc-lora-jax[test]', or torch); "
-            "safetensors checkpoints (model.safetensors) do not"
-        ) from e
-    return torch
-
-
-class _TorchReader:
-    """torch.load(mmap=True): tensors stay in the file until read; close() drops the mapping."""
-
-    def __init__(self, file: Path):
-        self.file, self.torch = file, _import_torch(file)
-        try:
-            try:
-                self.state = self.torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):  # the legacy (pre zip) format cannot be mapped
-                    raise
-                self.state = self.torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"cannot read {file} with torch.load (truncated or corrupt?): {e}") from e
-        if not isinstance(self.state, dict):
-            raise ValueError(f"{file} holds a {type(self.state).__name__}, not a state dict of tensors")
-
-    def keys(self) -> list[str]:
-        return list(self.state)
-
-    def ordered(self, keys) -> list[str]:
-        order = {k: i for i, k in enumerate(self.state)}
-        return sorted(keys, key=lambda k: order.get(k, -1))
-
-    def read(self, key: str) -> np.ndarray:
-        if key not in self.state:
-            raise ValueError(f"key {key!r} is not in {self.file}, though the index names that file for it")
-        # A copy out of the mapped file (torch allocates 64-byte aligned), so that no parameter
-        # aliases the file: rewriting it later could not corrupt (SIGBUS) a loaded model.
-        tensor = self.state[key].clone()
-        if tensor.dtype == self.torch.bfloat16:  # numpy has no bfloat16: view the bits
-            return tensor.view(self.torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return tensor.numpy()
-
-    def close(self):
-        self.state = None
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """A tensor to write: its name, shape and dtype now, its data from produce() when written."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    produce: Callable[[], np.ndarray]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
-
-
-def write_safetensors(file: Path, tensors: list[TensorSpec]) -> None:
-    """Header first (shapes are known), then each tensor's bytes as it is produced."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}  # transformers requires "format"
-    offset = 0
-    for t in tensors:
-        header[t.name] = {"dtype": _ST_NAMES[np.dtype(t.dtype)], "shape": list(t.shape),
-                          "data_offsets": [offset, offset + t.nbytes]}  # fmt: skip
-        offset += t.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
-    with open(file, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for t in tensors:
-            array = np.ascontiguousarray(t.produce())
-            if array.shape != tuple(t.shape) or array.dtype != np.dtype(t.dtype):
-                raise ValueError(f"{t.name}: made {array.dtype}{array.shape}, declared {t.dtype}{t.shape}")
-            f.write(array.reshape(-1).view(np.uint8).data)
-            del array
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def main_dtype_name(tensors: list[TensorSpec]) -> str:
-    """The dtype holding most bytes, as config.json's torch_dtype names it ("bfloat16", ...)."""
-    size: dict[str, int] = defaultdict(int)
-    for t in tensors:
-        size[np.dtype(t.dtype).name] += t.nbytes
-    return max(size, key=size.get)
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from 5_000_000, "5MB" (10^6) or "5MiB" (2^20)."""
-    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", str(size).upper())
-    if match is None:
-        raise ValueError(f"max_shard_size={size!r}: expected bytes or e.g. '2GB', '500MB', '1GiB'")
-    count = int(float(match[1]) * units[match[2] or "B"])
-    if count <= 0:
-        raise ValueError(f"max_shard_size={size!r} must be positive")
-    return count
-
-
-def write_folder(target: Path, tensors: list[TensorSpec], config: dict, max_shard_bytes: int) -> Path:
-    """Write the weights (sharded above max_shard_bytes) and config.json to a temporary folder
-    beside `target`, then rename it into place."""
-    shards: list[list[TensorSpec]] = [[]]
-    for t in tensors:
-        if shards[-1] and sum(s.nbytes for s in shards[-1]) + t.nbytes > max_shard_bytes:
-            shards.append([])
-        shards[-1].append(t)
-    target = target.absolute()
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        if len(shards) == 1:
-            write_safetensors(tmp / SAFETENSORS, shards[0])
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                write_safetensors(tmp / name, shard)
-                weight_map.update({t.name: name for t in shard})
-            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
-            (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        _swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Rename tmp to target; an existing target's other files (tokenizer, ...) are carried over."""
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    for entry in target.iterdir():
-        if entry.name == "config.json" or _WEIGHT_FILE.fullmatch(entry.name) or (tmp / entry.name).exists():
-            continue
-        (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(target, old)
-    os.rename(tmp, target)
-    shutil.rmtree(old)

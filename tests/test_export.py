@@ -27,7 +27,8 @@ from cgc_lora_jax.merge import merge_task
 from cgc_lora_jax.params import join_params
 from cgc_lora_jax.data.task_vocab import TaskVocab
 from cgc_lora_jax.models.family import FAMILIES
-from cgc_lora_jax.models.hf_io import load_pretrained, locate_tensors, open_weights
+from cgc_lora_jax.models.hf_io import load_pretrained
+from cgc_lora_jax.models.weight_reader import locate_tensors, open_weights
 from conftest import CHATGLM_FIXTURES as FIXTURES, rel_err
 
 peft = pytest.importorskip("peft")

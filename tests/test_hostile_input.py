@@ -195,7 +195,7 @@ def _safetensors_file(path: Path) -> bytes:
 
 
 def _check_weights(path: Path):
-    from cgc_lora_jax.models.hf_io import open_weights
+    from cgc_lora_jax.models.weight_reader import open_weights
 
     try:
         with open_weights(path) as reader:
