@@ -180,6 +180,12 @@ class CausalLM(FamilyModule):
 
     remat: bool = False  # rematerialise each block in the backward pass
 
+    @classmethod
+    def build(cls, config, *, dtype=jnp.float32, param_dtype=jnp.float32, lora: CGCLoRAConfig | None = None,
+              remat: bool = False) -> CausalLM:
+        """The family's module constructor (models/family_spec.py `ModelFamily.build`)."""
+        return cls(config, lora=lora, dtype=dtype, param_dtype=param_dtype, remat=remat)
+
     def setup(self):
         if self.lora is not None:
             self.task_gate = TaskRouting(self.lora)

@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cgc_lora_jax.layers import CGCLoRAConfig
 from cgc_lora_jax.models.blocks import (CausalLM, FamilyModule, apply_rope, cache_slots, cached_attention,
                                         init_kv_cache, rope_cos_sin, rope_inv_freq)
 from cgc_lora_jax.models.chatglm_keys import IGNORED_KEYS, PAPER_LORA_TARGETS, PARTITION_RULES, key_map
@@ -246,9 +245,7 @@ class ChatGLMForCausalLM(CausalLM):
         }
 
 
-def build(config: ChatGLMConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-          lora: CGCLoRAConfig | None = None, remat: bool = False) -> ChatGLMForCausalLM:
-    return ChatGLMForCausalLM(config, dtype=dtype, param_dtype=param_dtype, lora=lora, remat=remat)
+build = ChatGLMForCausalLM.build
 
 
 def is_chatglm_v1(hf: dict) -> bool:

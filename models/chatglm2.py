@@ -290,10 +290,7 @@ def _token_mask(input_ids: Array, attention_mask: Array | None) -> Array:
     return attention_mask.astype(bool)
 
 
-def build(
-    config: ChatGLM2Config, *, dtype=jnp.float32, param_dtype=jnp.float32, lora=None, remat=False
-) -> ChatGLM2ForCausalLM:
-    return ChatGLM2ForCausalLM(config, lora=lora, dtype=dtype, param_dtype=param_dtype, remat=remat)
+build = ChatGLM2ForCausalLM.build
 
 
 def matches(hf_config: dict) -> bool:

@@ -305,9 +305,7 @@ class LlamaForCausalLM(CausalLM):
         return self._logits(hidden, adapters, deterministic), cache
 
 
-def build(config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, lora=None, remat=False):
-    """The family's module constructor (models/family_spec.py `ModelFamily.build`)."""
-    return LlamaForCausalLM(config, lora=lora, dtype=dtype, param_dtype=param_dtype, remat=remat)
+build = LlamaForCausalLM.build
 
 
 def _family(model_type: str) -> ModelFamily:
