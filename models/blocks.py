@@ -167,6 +167,11 @@ class FamilyModule(nn.Module):
     dtype: Any = jnp.float32  # activation / compute dtype
     param_dtype: Any = jnp.float32  # parameter storage dtype
 
+    @property
+    def fields(self) -> tuple:
+        """(config, lora, dtype, param_dtype): what a child module of the family is built with."""
+        return self.config, self.lora, self.dtype, self.param_dtype
+
     @nn.nowrap
     def dense(self, features: int, use_bias: bool, name: str | None = None) -> Dense:
         return Dense(features, use_bias, self.lora, self.dtype, self.param_dtype, name=name)

@@ -143,14 +143,13 @@ class GLMBlock(FamilyModule):
     @nn.compact
     def __call__(self, x_btd, position_ids, visible, adapters, deterministic, layer_cache=None, index=0):
         cfg, alpha = self.config, math.sqrt(2 * RESIDUAL_NUM_LAYERS)
-        sub = (cfg, self.lora, self.dtype, self.param_dtype)
         attention_input = layer_norm(x_btd, cfg, self.param_dtype, "input_layernorm")
-        attention_output, layer_cache = GLMAttention(*sub, name="attention")(
+        attention_output, layer_cache = GLMAttention(*self.fields, name="attention")(
             attention_input, position_ids, visible, adapters, deterministic, layer_cache, index
         )
         hidden = attention_input * alpha + attention_output
         mlp_input = layer_norm(hidden, cfg, self.param_dtype, "post_attention_layernorm")
-        mlp_output = GLMMLP(*sub, name="mlp")(mlp_input, adapters, deterministic)
+        mlp_output = GLMMLP(*self.fields, name="mlp")(mlp_input, adapters, deterministic)
         return mlp_input * alpha + mlp_output, layer_cache
 
 
@@ -171,7 +170,7 @@ class GLMTransformer(FamilyModule):
         block = nn.remat(GLMBlock, static_argnums=(5,)) if self.remat else GLMBlock
         new_caches = []
         for i in range(cfg.num_layers):
-            layer = block(cfg, self.lora, self.dtype, self.param_dtype, name=f"layers_{i}")
+            layer = block(*self.fields, name=f"layers_{i}")
             layer_cache = None if layer_caches is None else layer_caches[i]
             x, layer_cache = layer(x, position_ids, visible, adapters, deterministic, layer_cache, index)
             new_caches.append(layer_cache)
@@ -187,7 +186,7 @@ class ChatGLMForCausalLM(CausalLM):
 
     def setup(self):
         super().setup()
-        self.transformer = GLMTransformer(self.config, self.lora, self.dtype, self.param_dtype, self.remat)
+        self.transformer = GLMTransformer(*self.fields, self.remat)
 
     def __call__(self, input_ids, attention_mask=None, task_ids=None, deterministic=True) -> Array:
         layout = glm_layout(input_ids, attention_mask, self.config)

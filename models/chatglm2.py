@@ -170,15 +170,15 @@ class GLMBlock(FamilyModule):
 
     @nn.compact
     def __call__(self, hidden, rope, allowed, adapters, layer_cache, index, deterministic):
-        cfg, sub = self.config, (self.config, self.lora, self.dtype, self.param_dtype)
+        cfg = self.config
         drop = nn.Dropout(cfg.hidden_dropout)
-        attn, layer_cache = SelfAttention(*sub, name="self_attention")(
+        attn, layer_cache = SelfAttention(*self.fields, name="self_attention")(
             rms_norm(cfg, self.param_dtype, "input_layernorm")(hidden), rope, allowed, adapters,
             deterministic, layer_cache, index,
         )
         hidden = hidden + drop(attn, deterministic=deterministic)
         normed = rms_norm(cfg, self.param_dtype, "post_attention_layernorm")(hidden)
-        mlp = MLP(*sub, name="mlp")(normed, adapters, deterministic)
+        mlp = MLP(*self.fields, name="mlp")(normed, adapters, deterministic)
         return hidden + drop(mlp, deterministic=deterministic), layer_cache
 
 
@@ -211,9 +211,9 @@ class GLMTransformer(FamilyModule):
         new_caches = []
         for i in range(cfg.num_layers):
             layer_cache = None if layer_caches is None else layer_caches[i]
-            hidden, layer_cache = block(
-                cfg, self.lora, self.dtype, self.param_dtype, name=f"layers_{i}"
-            )(hidden, rope, allowed, adapters, layer_cache, index, deterministic)
+            hidden, layer_cache = block(*self.fields, name=f"layers_{i}")(
+                hidden, rope, allowed, adapters, layer_cache, index, deterministic
+            )
             new_caches.append(layer_cache)
         if cfg.post_layer_norm:
             hidden = rms_norm(cfg, self.param_dtype, "final_layernorm")(hidden)
@@ -227,11 +227,11 @@ class ChatGLM2Model(FamilyModule):
 
     @nn.compact
     def __call__(self, input_ids, positions, allowed, adapters, layer_caches, index, deterministic):
-        cfg, sub = self.config, (self.config, self.lora, self.dtype, self.param_dtype)
-        hidden = Embedding(*sub, name="embedding")(input_ids)
+        cfg = self.config
+        hidden = Embedding(*self.fields, name="embedding")(input_ids)
         rot_dim = cfg.kv_channels // 2
         rope = rope_cos_sin(positions, rope_inv_freq(rot_dim, 10000.0 * cfg.rope_ratio), jnp.float32)
-        encoder = GLMTransformer(*sub, self.remat, name="encoder")
+        encoder = GLMTransformer(*self.fields, self.remat, name="encoder")
         hidden, layer_caches = encoder(hidden, rope, allowed, adapters, layer_caches, index, deterministic)
         output_layer = self.dense(cfg.padded_vocab_size, False, "output_layer")
         return output_layer(hidden, adapters, deterministic).astype(jnp.float32), layer_caches
@@ -242,7 +242,7 @@ class ChatGLM2ForCausalLM(CausalLM):
 
     def setup(self):
         super().setup()
-        self.transformer = ChatGLM2Model(self.config, self.lora, self.dtype, self.param_dtype, self.remat)
+        self.transformer = ChatGLM2Model(*self.fields, self.remat)
 
     def __call__(self, input_ids, attention_mask=None, task_ids=None, deterministic=True) -> Array:
         mask = _token_mask(input_ids, attention_mask)

@@ -178,16 +178,14 @@ class LlamaBlock(FamilyModule):
 
     @nn.compact
     def __call__(self, x, cos, sin, mask_bts, adapters, deterministic, layer_cache=None, cache_index=0):
-        sub = (self.config, self.lora, self.dtype, self.param_dtype)
-
         def norm(name):
             return RMSNorm(self.config.rms_norm_eps, self.dtype, self.param_dtype, name=name)
 
-        attn_out, layer_cache = LlamaAttention(*sub, name="self_attn")(
+        attn_out, layer_cache = LlamaAttention(*self.fields, name="self_attn")(
             norm("input_layernorm")(x), cos, sin, mask_bts, adapters, deterministic, layer_cache, cache_index
         )
         x = x + attn_out
-        mlp_out = LlamaMLP(*sub, name="mlp")(norm("post_attention_layernorm")(x), adapters, deterministic)
+        mlp_out = LlamaMLP(*self.fields, name="mlp")(norm("post_attention_layernorm")(x), adapters, deterministic)
         return x + mlp_out, layer_cache
 
 
@@ -201,9 +199,7 @@ class LlamaModel(FamilyModule):
         # deterministic (argument 6, counting self) is a Python bool: static under remat.
         block = nn.remat(LlamaBlock, static_argnums=(6,)) if self.remat else LlamaBlock
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, self.param_dtype)
-        self.layers = [
-            block(cfg, self.lora, self.dtype, self.param_dtype) for _ in range(cfg.num_hidden_layers)
-        ]
+        self.layers = [block(*self.fields) for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype)
 
     def __call__(
@@ -224,7 +220,7 @@ class LlamaForCausalLM(CausalLM):
 
     def setup(self):
         super().setup()
-        self.model = LlamaModel(self.config, self.lora, self.dtype, self.param_dtype, self.remat)
+        self.model = LlamaModel(*self.fields, self.remat)
         if not self.config.tie_word_embeddings:
             self.lm_head = self.dense(self.config.vocab_size, False)
 
