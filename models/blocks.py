@@ -19,8 +19,9 @@ decode step never recompiles, and serve/slots.py finds its batch and sequence ax
      "layers": ({"key": [B, G, S, D], "value": [B, G, S, D]}, ...)   keys after RoPE,
      **positions            the family's per-row position state, [B] int32 each}
 
-K/V are heads-major, the layout both attention matmuls read without a transpose, so a decode
-step never copies the cache. A chunk of T tokens goes to slots [index, index + T).
+The cache holds K/V heads-major, the layout both attention matmuls read without a transpose, so a
+decode step never copies the cache; a chunk of T tokens goes to slots [index, index + T). Without
+a cache, attention reads the chunk's K/V as the projections give them, [B, T, G, D].
 
     cos, sin = rope_cos_sin(positions_bt, rope_inv_freq(64, 10000.0), jnp.float32)
     out, layer_cache = cached_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v,
@@ -101,7 +102,8 @@ def grouped_attention(q_bthd, k, v, allowed_bts, *, heads_major=False, scale=Non
     """
     b, t, h, d = q_bthd.shape
     g = k.shape[1 if heads_major else 2]
-    # With a K/V head per query head the group axis is left out: XLA:CPU runs the 4-D dots faster.
+    # With a K/V head per query head the group axis is left out: XLA:CPU runs these 4-D dots
+    # about 1.4x faster (forward + backward at ChatGLM-6B's head shape) than with a unit group axis.
     q_axes, score_axes = ("btgd", "bgts") if g == h else ("btgrd", "bgrts")
     kv_axes = "bgsd" if heads_major else "bsgd"
     q = q_bthd if g == h else q_bthd.reshape(b, t, g, h // g, d)
@@ -112,12 +114,12 @@ def grouped_attention(q_bthd, k, v, allowed_bts, *, heads_major=False, scale=Non
     probs = jax.nn.softmax(jnp.where(allowed, scores, fill), axis=-1).astype(v.dtype)
     if probs_dropout is not None:
         probs = probs_dropout(probs)
-    if heads_major:  # out heads-major, then T moved forward: faster, and XLA:CPU has no bf16 x bf16
-        # -> float32 dot that writes [B, T, G, R, D] from heads-major V.
-        out = jnp.einsum(f"{score_axes},{kv_axes}->{score_axes[:-1]}d", probs, v, preferred_element_type=jnp.float32)
+    # From heads-major V the output is written heads-major too and T moved forward after: XLA:CPU
+    # has no bf16 x bf16 -> float32 dot that writes [B, T, G, R, D] from [B, G, S, D].
+    out_axes = score_axes[:-1] + "d" if heads_major else q_axes
+    out = jnp.einsum(f"{score_axes},{kv_axes}->{out_axes}", probs, v, preferred_element_type=jnp.float32)
+    if heads_major:
         out = jnp.moveaxis(out, -2, 1)
-    else:
-        out = jnp.einsum(f"{score_axes},{kv_axes}->{q_axes}", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q_bthd.dtype)
 
 

@@ -9,9 +9,9 @@ reading one tensor at a time.
 Each tensor is read into its own fresh, 64-byte aligned buffer (XLA:CPU adopts such a buffer
 without a copy), so a checkpoint never sits twice in memory and no parameter aliases the file.
 
-    where = locate_tensors(Path("ckpt"))            # {"lm_head.weight": Path("ckpt/model-00002-of-00002.safetensors"), ...}
+    where = locate_tensors(Path("ckpt"))   # {"lm_head.weight": Path("ckpt/model-00002-of-00002.safetensors"), ...}
     with open_weights(where["lm_head.weight"]) as reader:
-        array = reader.read("lm_head.weight")      # numpy, the stored dtype and shape
+        array = reader.read("lm_head.weight")   # numpy, the stored dtype and shape
 """
 
 from __future__ import annotations
