@@ -32,9 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cgc_lora_jax.data.records import write_records
 from cgc_lora_jax.demo.scorer import NO_COLOUR, TASK_NAMES
-from cgc_lora_jax.demo.splits import generate_splits
+from cgc_lora_jax.demo.splits import generate_splits, write_splits
 
 NAMES = ("小明", "小红", "小刚", "妈妈", "爸爸", "老师", "弟弟", "姐姐")
 COLOURS = ("红色", "蓝色", "绿色", "黄色", "白色", "黑色", "紫色")
@@ -107,11 +106,7 @@ def demo_records(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str
 def write_demo_dataset(out_dir: str | os.PathLike, *, seed: int = 0,
                        sizes: dict[str, int] | None = None) -> dict[str, Path]:
     """Write OUT_DIR/<split>.json for every split; returns {split: path}."""
-    paths = {}
-    for split, records in demo_records(seed, sizes).items():
-        paths[split] = Path(out_dir) / f"{split}.json"
-        write_records(records, paths[split])
-    return paths
+    return write_splits(demo_records(seed, sizes), out_dir)
 
 
 def demo_alphabet() -> str:

@@ -34,8 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cgc_lora_jax.data.records import write_records
-from cgc_lora_jax.demo.splits import generate_splits
+from cgc_lora_jax.demo.splits import generate_splits, known_task, write_splits
 
 NAMES = ("Tom", "Maria", "Anna", "James", "Lucy", "Omar", "Chen", "Sofia", "David", "Emma", "Yuki",
          "Peter", "Laura", "Ahmed", "Nina", "Carlos")
@@ -128,11 +127,7 @@ def records(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, lis
 def write_dataset(out_dir: str | os.PathLike, *, seed: int = 0,
                   sizes: dict[str, int] | None = None) -> dict[str, Path]:
     """Write OUT_DIR/<split>.json for every split; returns {split: path}."""
-    paths = {}
-    for split, rows in records(seed, sizes).items():
-        paths[split] = Path(out_dir) / f"{split}.json"
-        write_records(rows, paths[split])
-    return paths
+    return write_splits(records(seed, sizes), out_dir)
 
 
 def normalise(answer: str) -> str:
@@ -142,9 +137,7 @@ def normalise(answer: str) -> str:
 
 def canonical_task(name: str) -> str:
     """The task name itself; KeyError for a name that is not one of these tasks."""
-    if name not in TASK_NAMES:
-        raise KeyError(name)
-    return name
+    return known_task(name, TASK_NAMES)
 
 
 def score_task(task: str, gold_texts: Sequence[str], pred_texts: Sequence[str],

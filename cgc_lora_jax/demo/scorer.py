@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from cgc_lora_jax.demo.splits import known_task
 from cgc_lora_jax.scoring import metrics
 
 TASK_NAMES = ("ColourExtraction", "CategoryClassification", "DigitsToChinese")
@@ -31,9 +32,7 @@ def parse_colours(text: str) -> frozenset:
 
 def canonical_task(name: str) -> str:
     """The task name itself; KeyError for a name that is not a demo task."""
-    if name not in TASK_NAMES:
-        raise KeyError(name)
-    return name
+    return known_task(name, TASK_NAMES)
 
 
 def score_task(task: str, gold_texts: Sequence[str], pred_texts: Sequence[str],

@@ -9,9 +9,13 @@ so dev and test inputs are unseen in training; each split is then shuffled acros
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
+
+from cgc_lora_jax.data.records import write_records
 
 
 def generate_splits(tasks: Sequence[str], example: Callable[[str, np.random.Generator], dict],
@@ -37,3 +41,19 @@ def generate_splits(tasks: Sequence[str], example: Callable[[str, np.random.Gene
         order = np.random.default_rng([seed, len(tasks), i]).permutation(len(rows))
         splits[split] = [dict(rows[j], sample_id=f"{split}-{n}") for n, j in enumerate(order)]
     return splits
+
+
+def write_splits(splits: Mapping[str, list[dict]], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write OUT_DIR/<split>.json for every split of `splits`; returns {split: path}."""
+    paths = {}
+    for split, rows in splits.items():
+        paths[split] = Path(out_dir) / f"{split}.json"
+        write_records(rows, paths[split])
+    return paths
+
+
+def known_task(name: str, tasks: Sequence[str]) -> str:
+    """`name` itself when it is one of `tasks` (a generated dataset's scorer), else KeyError."""
+    if name not in tasks:
+        raise KeyError(name)
+    return name
