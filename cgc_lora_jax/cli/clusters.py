@@ -2,6 +2,7 @@
 prompts with the trained clusters."""
 
 import argparse
+import os
 from pathlib import Path
 
 from cgc_lora_jax.multitask import clusters as clusters_module
@@ -32,7 +33,10 @@ def main(argv=None) -> int:
         return 0
     from cgc_lora_jax.config import parse_args_with_config
 
+    from cgc_lora_jax.cli.train import xla_flags_for
+
     args, cfg = parse_args_with_config(parser, argv)
+    os.environ["XLA_FLAGS"] = xla_flags_for(cfg, os.environ.get("XLA_FLAGS", ""))  # as train.py does
     try:
         spec = args.clusters if args.clusters is not None else cfg.data.clusters
         if not spec:
