@@ -11,6 +11,11 @@ PYTHONPATH set to the checkout) `_checkout` maps them to the repository's folder
 """
 
 import importlib
+import os
+
+# We use transformers for tokenizers and formats only; without torch (the core install) it would
+# print "PyTorch was not found. Models won't be available", which is true and beside the point here.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from cgc_lora_jax import _checkout
 
