@@ -1,16 +1,17 @@
 """Greedy decoding throughput: our jit generate (models/generate.py) vs transformers' generate.
 
 Parts: "tiny", the same tiny random Llama in both (float32, CPU): batch 4, 32-token prompts, 64
-new tokens, no eos; "real", SmolLM2-135M shapes (bench/_smollm2.py, random weights): batch 32,
-64-token prompts, 64 new tokens, float32 on both sides (greedy ids compared); --real-bf16 adds ours
-in bfloat16 (greedy ids compared with transformers' float32 ones).
-Both are warmed up first (ours compiles once); each then runs `--runs` times and the median wall
-time counts. tokens/s = batch * new tokens / seconds, prefill included. torch runs with `--threads`
-intra-op threads and, as a second row, with one: on a small shared machine torch's thread pool can
-be far slower than one thread, and the single-thread row shows how much of the ratio that is.
-Prints a side-by-side table, then, last, one JSON line with decode_speedup_vs_torch = our tokens/s
-over transformers' tokens/s at `--threads` (and ..._1_thread); real_decode_speedup_vs_torch the same
-on the real shapes.
+new tokens, no eos, each side warmed up then the median of `--runs` calls; "real", SmolLM2-135M
+shapes (bench/_smollm2.py, random weights): batch 32, 64-token prompts, 64 new tokens, no eos:
+ours in float32 (and bfloat16 with --real-bf16), transformers in float32 at `--threads` intra-op
+threads and at one, and transformers with bfloat16 weights, all in interleaved rounds (one call of
+each per round after a warm-up round; medians), so a busy stretch of a shared machine slows all
+alike. Greedy ids are compared with transformers' float32 ones. tokens/s = batch * new tokens /
+seconds, prefill included.
+Prints side-by-side tables, then, last, one JSON line: decode_speedup_vs_torch (tiny) and
+real_decode_speedup_vs_torch (ours f32 over transformers f32), real_decode_speedup_vs_torch_bf16
+(ours bf16 over transformers f32), real_decode_bf16_speedup_vs_torch_bf16, real_decode_best_vs_best
+(each side's faster dtype).
 
     python bench/decode.py [--parts tiny,real] [--runs 3] [--threads 2]
 """
@@ -18,6 +19,7 @@ on the real shapes.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -120,26 +122,65 @@ def bench_tiny(args) -> dict:
 
 
 def bench_real(args) -> dict:
-    """SmolLM2-135M shapes (random weights): float32 both sides, and ours in bfloat16."""
+    """SmolLM2-135M shapes (random weights): every variant in interleaved rounds (one call of
+    each per round, medians), so a slower stretch of a shared machine hits all alike. Variants:
+    ours in float32 (and bfloat16 with --real-bf16), transformers in float32 at --threads and at
+    one thread, and transformers with bfloat16 weights (its fastest CPU setting or not: measured)."""
+    import torch
+
+    from bench._common import interleaved_times
     from bench._smollm2 import random_smollm2
 
     hf, cfg, params = random_smollm2()
-    model = LlamaForCausalLM(cfg)
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (args.real_batch, args.real_prompt))
+    mask = np.ones_like(ids)
     tokens = args.real_batch * args.real_new
-    out = {}
-    for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
-        if name == "bf16" and not args.real_bf16:
-            continue
-        r = compare(hf, model, params, ids, args.real_new, args.runs, args.threads, dtype)
-        print_rows(f"\nSmolLM2-135M shapes (random), batch {args.real_batch}, prompt {args.real_prompt}, "
-                   f"{args.real_new} new tokens, ours {name} vs transformers float32, greedy ids equal: "
-                   f"{r['match']:.3f}", r, tokens, args.threads)
-        suffix = "" if name == "f32" else "_bf16"
-        out.update({f"real_decode_speedup_vs_torch{suffix}": round(r["torch_s"] / r["ours_s"], 2),
-                    f"real_decode_tokens_per_s_ours{suffix}": round(tokens / r["ours_s"], 1),
-                    f"real_greedy_ids_match_fraction{suffix}": r["match"]})
-        out["real_decode_tokens_per_s_torch"] = round(tokens / r["torch_s"], 1)
+    dtypes = {"f32": jnp.float32, **({"bf16": jnp.bfloat16} if args.real_bf16 else {})}
+
+    def ours(dtype):
+        model = LlamaForCausalLM(cfg).clone(dtype=dtype, param_dtype=dtype)
+        cast = jax.tree.map(lambda a: a.astype(dtype), params)
+        return lambda: np.asarray(generate(model, cast, ids, mask, max_new_tokens=args.real_new,
+                                           eos_token_id=None, pad_token_id=0))
+
+    hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
+    ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+
+    def theirs(model, threads):
+        def call():
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                out = model.generate(input_ids=ids_t, attention_mask=mask_t, do_sample=False, pad_token_id=0,
+                                     max_new_tokens=args.real_new, min_new_tokens=args.real_new)
+            return out[:, ids.shape[1]:].numpy()
+        return call
+
+    variants = {f"ours {name}": ours(dtype) for name, dtype in dtypes.items()}
+    variants.update({"transformers f32": theirs(hf, args.threads), "transformers f32 1 thread": theirs(hf, 1),
+                     "transformers bf16": theirs(hf_bf16, args.threads)})
+    reference = variants["transformers f32"]()
+    match = {name: float(np.mean(variants[f"ours {name}"]() == reference)) for name in dtypes}
+    times = interleaved_times(variants, rounds=args.runs, warmup=1)
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    torch.set_num_threads(args.threads)
+
+    print(f"\nSmolLM2-135M shapes (random), batch {args.real_batch}, prompt {args.real_prompt}, {args.real_new} new "
+          f"tokens, greedy, median of {args.runs} interleaved rounds; transformers at {args.threads} threads "
+          f"unless said; greedy ids equal to transformers f32: "
+          + ", ".join(f"ours {n} {m:.3f}" for n, m in match.items()))
+    print(f"{'implementation':<28}{'seconds':>10}{'tokens/s':>12}")
+    for name, t in seconds.items():
+        print(f"{name:<28}{t:>10.3f}{tokens / t:>12.1f}")
+    best_torch = min(seconds[k] for k in ("transformers f32", "transformers bf16"))
+    out = {"real_decode_tokens_per_s": {name: round(tokens / t, 1) for name, t in seconds.items()},
+           "real_decode_tokens_per_s_torch": round(tokens / seconds["transformers f32"], 1),
+           "real_decode_speedup_vs_torch": round(seconds["transformers f32"] / seconds["ours f32"], 2),
+           "real_greedy_ids_match_fraction": match["f32"]}
+    if "bf16" in dtypes:
+        out.update({"real_decode_speedup_vs_torch_bf16": round(seconds["transformers f32"] / seconds["ours bf16"], 2),
+                    "real_decode_bf16_speedup_vs_torch_bf16": round(seconds["transformers bf16"] / seconds["ours bf16"], 2),
+                    "real_decode_best_vs_best": round(best_torch / min(seconds["ours f32"], seconds["ours bf16"]), 2),
+                    "real_greedy_ids_match_fraction_bf16": match["bf16"]})
     return out
 
 

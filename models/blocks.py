@@ -132,7 +132,13 @@ def cached_attention(q_bthd, k_btgd, v_btgd, allowed_bts, layer_cache: dict | No
 
     def write(cached, new_btgd):
         new = new_btgd.transpose(0, 2, 1, 3).astype(cached.dtype)
-        return jax.lax.dynamic_update_slice(cached, new, (0, 0, index, 0))
+        if cached.dtype.itemsize != 2:
+            return jax.lax.dynamic_update_slice(cached, new, (0, 0, index, 0))
+        # XLA:CPU widens a bfloat16 dynamic-update-slice to float32, converting the whole layer's
+        # cache there and back at every step; on the 16-bit pattern the write stays in place.
+        bits = jax.lax.dynamic_update_slice(jax.lax.bitcast_convert_type(cached, jnp.uint16),
+                                            jax.lax.bitcast_convert_type(new, jnp.uint16), (0, 0, index, 0))
+        return jax.lax.bitcast_convert_type(bits, cached.dtype)
 
     layer_cache = {"key": write(layer_cache["key"], k_btgd), "value": write(layer_cache["value"], v_btgd)}
     k, v = layer_cache["key"].astype(q_bthd.dtype), layer_cache["value"].astype(q_bthd.dtype)

@@ -72,10 +72,21 @@ def filter_logits(logits: Array, top_k: Array, top_p: Array) -> Array:
     return jnp.where(logits >= jnp.maximum(cutoff, kth_value), logits, -jnp.inf)
 
 
+def greedy_tokens(logits: Array) -> Array:
+    """argmax over the last axis (the first of equal maxima), as two plain reductions: the max, then
+    the smallest index holding it. XLA:CPU runs jnp.argmax's (value, index) reduction unvectorised,
+    3.4 ms a step over [32, 49152] logits, about 4% of a SmolLM2 decode step. A row of NaNs gives
+    the last id rather than jnp.argmax's index of the NaN."""
+    vocab = logits.shape[-1]
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    index = jnp.min(jnp.where(logits == best, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+    return jnp.minimum(index, vocab - 1)
+
+
 def choose_tokens(logits: Array, rng: Array, do_sample: bool, temperature, top_k, top_p) -> Array:
     """Next token per row [B] int32 from last-position logits [B, V]."""
     if not do_sample:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_tokens(logits)
     filtered = filter_logits(logits.astype(jnp.float32) / temperature, top_k, top_p)
     return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
 

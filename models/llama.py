@@ -226,7 +226,11 @@ class LlamaForCausalLM(CausalLM):
 
     def _logits(self, hidden, adapters, deterministic) -> Array:
         if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.attend(hidden).astype(jnp.float32)
+            # h E^T in the compute dtype with float32 accumulation: Embed.attend's bfloat16 result
+            # makes XLA:CPU run the whole head in float32 (half the bf16 matmul rate).
+            embedding = self.model.embed_tokens.embedding.astype(self.dtype)
+            return jnp.einsum("...d,vd->...v", hidden.astype(self.dtype), embedding,
+                              preferred_element_type=jnp.float32)
         return self.lm_head(hidden, adapters, deterministic).astype(jnp.float32)
 
     def __call__(self, input_ids, attention_mask=None, task_ids=None, deterministic=True, segment_ids=None):
