@@ -38,7 +38,12 @@ class GenerationSettings:
 
     @classmethod
     def from_config(cls, cfg) -> GenerationSettings:
-        return cls(cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.data.pad_multiple)
+        """Prompts are padded to a multiple of generate's smallest bucket, not to data.pad_multiple
+        (a training shape): generate pads them to the next power of two anyway, and a coarse
+        multiple would push a 250-token prompt batch to 320 and so into the 512-token program."""
+        from cgc_lora_jax.models.generate import MIN_PROMPT_BUCKET
+
+        return cls(cfg.eval.batch_size, cfg.eval.max_new_tokens, MIN_PROMPT_BUCKET)
 
 
 def stop_ids(tokenizer) -> list[int]:
