@@ -229,3 +229,40 @@ def test_bfloat16_cached_decode_matches_the_bfloat16_forward():
     assert rel_err(cached[:, -1], forward) < 2e-2
     out = gen.generate(model16, params16, ids, mask, max_new_tokens=NEW, eos_token_id=None, pad_token_id=PAD)
     assert np.asarray(out).shape[0] == ids.shape[0] and np.asarray(out).shape[1] >= NEW
+
+
+def test_bfloat16_decode_steps_read_what_earlier_steps_wrote():
+    """Each bf16 decode step's logits equal the bf16 forward over the prompt and the tokens fed so
+    far: the cache writes (bf16 K/V stored through their 16-bit pattern, in place) land in the
+    right slots with the right values. A write to the wrong slot, or none, fails this."""
+    _, model, params = tiny_llama()
+    model16 = LlamaForCausalLM(model.config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    params16 = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), params)
+    ids, mask = prompts()
+    forward = jax.jit(model16.apply)
+    decode = jax.jit(lambda p, ids, mask, cache: model16.apply({"params": p}, ids, mask, None, cache=cache,
+                                                               last_only=True, method=model16.decode))
+    cache = model16.init_cache(ids.shape[0], ids.shape[1] + 4)
+    assert cache["layers"][0]["key"].dtype == jnp.bfloat16
+    logits, cache = decode(params16, jnp.asarray(ids), jnp.asarray(mask), cache)
+    fed_ids, fed_mask = ids, mask
+    for _ in range(3):
+        token = np.random.default_rng(fed_ids.shape[1]).integers(3, VOCAB, (ids.shape[0], 1))
+        fed_ids = np.concatenate([fed_ids, token], axis=1)
+        fed_mask = np.concatenate([fed_mask, np.ones_like(token)], axis=1)
+        logits, cache = decode(params16, jnp.asarray(token), jnp.ones_like(jnp.asarray(token)), cache)
+        reference = forward({"params": params16}, jnp.asarray(fed_ids), jnp.asarray(fed_mask))[:, -1]
+        assert cache["layers"][0]["key"].dtype == jnp.bfloat16
+        assert rel_err(logits[:, -1], reference) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_greedy_choice_is_the_first_maximum(dtype):
+    """greedy_tokens (two plain reductions) picks what np.argmax picks, ties included."""
+    rng = np.random.default_rng(0)
+    logits = rng.integers(-3, 4, (16, 1000)).astype(np.float32)  # many ties for the maximum
+    logits[5] = -np.inf
+    logits[6, 999] = 100.0
+    logits = jnp.asarray(logits, dtype)
+    expected = np.argmax(np.asarray(logits, np.float32), axis=-1)
+    np.testing.assert_array_equal(np.asarray(gen.greedy_tokens(logits)), expected)
