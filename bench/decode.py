@@ -126,7 +126,6 @@ def bench_real(args) -> dict:
     each per round, medians), so a slower stretch of a shared machine hits all alike. Variants:
     ours in float32 (and bfloat16 with --real-bf16), transformers in float32 at --threads and at
     one thread, and transformers with bfloat16 weights (its fastest CPU setting or not: measured)."""
-    import torch
 
     from bench._common import interleaved_times
     from bench._smollm2 import random_smollm2
