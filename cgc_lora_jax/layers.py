@@ -47,6 +47,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from cgc_lora_jax import baselines
+from cgc_lora_jax.precision import accum_einsum
 
 Array = jax.Array
 GATE_MODES = ("shared", "per_layer", "uniform")
@@ -175,10 +176,16 @@ def rank_scales(weights: Array, task_ids: Array, cfg: CGCLoRAConfig) -> Array:
 
 def lora_delta(x: Array, lora_a: Array, lora_b: Array, scales: Array, scaling: float) -> Array:
     """s * ((x A) * scales) B for x [B, ..., d_in] and per-sample scales [B, r]; float32 out."""
-    h = jnp.einsum("...i,ir->...r", x, lora_a, preferred_element_type=jnp.float32)
+    lead = _lead(x)
+    h = accum_einsum(f"{lead}i,ir->{lead}r", x, lora_a)
     scales = scales.reshape(scales.shape[:1] + (1,) * (h.ndim - 2) + scales.shape[1:])
     h = (h * (scales * scaling)).astype(lora_b.dtype)
-    return jnp.einsum("...r,ro->...o", h, lora_b, preferred_element_type=jnp.float32)
+    return accum_einsum(f"{lead}r,ro->{lead}o", h, lora_b)
+
+
+def _lead(x: Array) -> str:
+    """Einsum letters for x's leading (batch and position) axes."""
+    return "abcdefgh"[: x.ndim - 1]
 
 
 def cgc_lora_dense(
@@ -203,37 +210,11 @@ def cgc_lora_dense(
     return (y.astype(jnp.float32) + delta).astype(x.dtype)
 
 
-@jax.custom_vjp
-def _matmul(x: Array, kernel: Array) -> Array:
-    """x [..., i] @ kernel [i, o] -> [..., o] in x's dtype, accumulated in float32.
-
-    The custom backward keeps both backward matmuls in the same precision policy (inputs in the
-    compute dtype, float32 accumulation, outputs in the compute dtype). Autodiff of a float32
-    output cast back to bf16 would hand the backward a float32 gradient and make XLA convert
-    every frozen bf16 kernel to float32 (a float32 copy of the whole model).
-    """
-    return jnp.einsum("...i,io->...o", x, kernel, preferred_element_type=jnp.float32).astype(x.dtype)
-
-
-def _matmul_fwd(x, kernel):
-    return _matmul(x, kernel), (x, kernel)
-
-
-def _matmul_bwd(residuals, grad):
-    x, kernel = residuals
-    grad = grad.astype(x.dtype)
-    dx = jnp.einsum("...o,io->...i", grad, kernel, preferred_element_type=jnp.float32).astype(x.dtype)
-    lead = "".join(chr(ord("a") + i) for i in range(x.ndim - 1))
-    dkernel = jnp.einsum(f"{lead}i,{lead}o->io", x, grad, preferred_element_type=jnp.float32)
-    return dx, dkernel.astype(kernel.dtype)
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
 def _base_dense(x: Array, kernel: Array, bias: Array | None) -> Array:
-    """x W0 + b in x's dtype (see `_matmul` for the precision of the backward)."""
-    y = _matmul(x, kernel.astype(x.dtype))
+    """x W0 + b in x's dtype, accumulated in float32. accum_einsum keeps the backward's matmuls in
+    x's dtype too: autodiff of a float32 output cast back to bf16 would hand the backward a float32
+    gradient and make XLA convert every frozen bf16 kernel to float32 (a float32 copy of the model)."""
+    y = accum_einsum(f"{_lead(x)}i,io->{_lead(x)}o", x, kernel.astype(x.dtype), out_dtype=x.dtype)
     return y if bias is None else y + bias.astype(x.dtype)
 
 

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cgc_lora_jax.layers import AdapterInputs, CGCLoRAConfig, Dense, TaskRouting
+from cgc_lora_jax.precision import accum_einsum
 
 Array = jax.Array
 
@@ -107,7 +108,9 @@ def grouped_attention(q_bthd, k, v, allowed_bts, *, heads_major=False, scale=Non
     q_axes, score_axes = ("btgd", "bgts") if g == h else ("btgrd", "bgrts")
     kv_axes = "bgsd" if heads_major else "bsgd"
     q = q_bthd if g == h else q_bthd.reshape(b, t, g, h // g, d)
-    scores = jnp.einsum(f"{q_axes},{kv_axes}->{score_axes}", q, k, preferred_element_type=jnp.float32)
+    # accum_einsum: the backward's matmuls take bf16 operands too (autodiff of a float32-out einsum
+    # would run all four of them in float32).
+    scores = accum_einsum(f"{q_axes},{kv_axes}->{score_axes}", q, k)
     scores = scores * (d**-0.5 if scale is None else scale)
     allowed = allowed_bts.reshape(b, *(1,) * (scores.ndim - 3), *allowed_bts.shape[1:])
     fill = jnp.finfo(jnp.float32).min if mask_value is None else mask_value
@@ -117,7 +120,7 @@ def grouped_attention(q_bthd, k, v, allowed_bts, *, heads_major=False, scale=Non
     # From heads-major V the output is written heads-major too and T moved forward after: XLA:CPU
     # has no bf16 x bf16 -> float32 dot that writes [B, T, G, R, D] from [B, G, S, D].
     out_axes = score_axes[:-1] + "d" if heads_major else q_axes
-    out = jnp.einsum(f"{score_axes},{kv_axes}->{out_axes}", probs, v, preferred_element_type=jnp.float32)
+    out = accum_einsum(f"{score_axes},{kv_axes}->{out_axes}", probs, v)
     if heads_major:
         out = jnp.moveaxis(out, -2, 1)
     return out.reshape(b, t, h, d).astype(q_bthd.dtype)
