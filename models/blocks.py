@@ -126,12 +126,41 @@ def grouped_attention(q_bthd, k, v, allowed_bts, *, heads_major=False, scale=Non
     return out.reshape(b, t, h, d).astype(q_bthd.dtype)
 
 
+def causal_attention(q_bthd, k_btgd, v_btgd, allowed_bts, *, blocks: int = 4, min_rows: int = 64,
+                     **attention) -> Array:
+    """`grouped_attention` (S = T, K/V [B, T, G, D]) for a causal mask, allowed[b, t, s] only where
+    s <= t, with the queries split into up to `blocks` row blocks of at least `min_rows` rows, block
+    [lo, hi) reading keys [0, hi). The blocks above the diagonal are never computed (3/8 of the
+    scores at 4 blocks), and XLA:CPU runs the smaller score blocks faster too: one SmolLM2-135M
+    layer (8 x 256 tokens), forward + backward, f32 95 -> 62 ms, bf16 67 -> 51 ms; a bf16
+    CGC-LoRA training step on every block linear (8 x 320 tokens) 9.65 -> 7.84 s. Same result as
+    grouped_attention, also for a row with no allowed key: the mean of all T values."""
+    b, t, h, d = q_bthd.shape
+    n = min(blocks, t // min_rows)
+    if n < 2 or attention.get("probs_dropout") is not None:
+        return grouped_attention(q_bthd, k_btgd, v_btgd, allowed_bts, **attention)
+    edges = [t * i // n for i in range(n + 1)]
+    out = jnp.concatenate([
+        grouped_attention(q_bthd[:, lo:hi], k_btgd[:, :hi], v_btgd[:, :hi], allowed_bts[:, lo:hi, :hi], **attention)
+        for lo, hi in zip(edges[:-1], edges[1:])], axis=1)
+    # A row with no allowed key: grouped_attention's softmax over T equal scores, probabilities
+    # 1/T in the values' dtype, here over a block's keys only; give it the mean over all T.
+    g = k_btgd.shape[2]
+    weight = jnp.asarray(1.0 / t, jnp.float32).astype(v_btgd.dtype).astype(jnp.float32)
+    mean = (jnp.sum(v_btgd.astype(jnp.float32), axis=1) * weight).astype(q_bthd.dtype)  # [B, G, D]
+    mean = jnp.broadcast_to(mean[:, None, :, None, :], (b, t, g, h // g, d)).reshape(b, t, h, d)
+    dead = ~jnp.any(allowed_bts, axis=-1)
+    return jnp.where(dead[:, :, None, None], mean, out)
+
+
 def cached_attention(q_bthd, k_btgd, v_btgd, allowed_bts, layer_cache: dict | None = None,
-                     index: Array | int = 0, **attention) -> tuple[Array, dict | None]:
-    """`grouped_attention` over this chunk's K/V alone (no cache: S = T), or over the layer's
-    cache after writing the chunk's K/V at slots [index, index + T). Returns (out, layer_cache)."""
+                     index: Array | int = 0, causal: bool = False, **attention) -> tuple[Array, dict | None]:
+    """`grouped_attention` over this chunk's K/V alone (no cache: S = T; `causal_attention` when
+    the caller's mask is causal), or over the layer's cache after writing the chunk's K/V at slots
+    [index, index + T). Returns (out, layer_cache)."""
     if layer_cache is None:
-        return grouped_attention(q_bthd, k_btgd, v_btgd, allowed_bts, **attention), None
+        attend = causal_attention if causal else grouped_attention
+        return attend(q_bthd, k_btgd, v_btgd, allowed_bts, **attention), None
 
     def write(cached, new_btgd):
         new = new_btgd.transpose(0, 2, 1, 3).astype(cached.dtype)

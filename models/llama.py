@@ -155,7 +155,8 @@ class LlamaAttention(FamilyModule):
         q = apply_rope(proj(h * d, cfg.qkv_bias, "q_proj", x).reshape(b, t, h, d), cos, sin)
         k = apply_rope(proj(kv * d, cfg.qkv_bias, "k_proj", x).reshape(b, t, kv, d), cos, sin)
         v = proj(kv * d, cfg.qkv_bias, "v_proj", x).reshape(b, t, kv, d)
-        out, layer_cache = cached_attention(q, k, v, mask_bts, layer_cache, cache_index)
+        # Every mask of this family is causal (tril & padding, or tril & segments).
+        out, layer_cache = cached_attention(q, k, v, mask_bts, layer_cache, cache_index, causal=True)
         return proj(cfg.hidden_size, cfg.o_bias, "o_proj", out.reshape(b, t, -1)), layer_cache
 
 

@@ -1,12 +1,15 @@
 """models/blocks.py against float64 numpy references: RMSNorm's two cast orders, both RoPE pair
-layouts, grouped attention in both K/V layouts, and the KV cache written chunk by chunk."""
+layouts, grouped attention in both K/V layouts, causal attention in row blocks, and the KV cache written
+chunk by chunk."""
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 
-from cgc_lora_jax.models.blocks import (RMSNorm, apply_rope, cache_slots, cached_attention, grouped_attention,
+from cgc_lora_jax.models.blocks import (RMSNorm, apply_rope, cache_slots, cached_attention, causal_attention,
+                                        grouped_attention,
                                         init_kv_cache, left_pad_positions, rope_cos_sin, rope_inv_freq)
 
 BF16 = ml_dtypes.bfloat16
@@ -88,6 +91,38 @@ def test_grouped_attention_and_cache_match_reference(groups):
         cache = {**cache, "index": cache["index"] + stop - start, "valid": valid, "layers": (layer,)}
         outs.append(np.asarray(out))
     np.testing.assert_allclose(np.concatenate(outs, 1)[real], want[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t, blocks, min_rows", [(37, 4, 8), (40, 3, 8), (24, 4, 16)])
+def test_causal_attention_in_row_blocks_equals_grouped_attention(t, blocks, min_rows):
+    """Row blocks reading keys up to their last row give grouped_attention's output and gradients
+    for causal masks with left padding (rows with no allowed key included) and packed segments;
+    blocks of unequal size, and one block (no split) when the rows are too few."""
+    from cgc_lora_jax.data.packing import segment_mask
+
+    rng = np.random.default_rng(4)
+    b, h, g, d = 3, 4, 2, 8
+    q = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+    k, v, cot = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((b, t, g, d),) * 2 + ((b, t, h, d),))
+    lengths = np.array([t, t - 11, 5])  # left-padded rows: their pad rows see no key at all
+    mask = np.arange(t)[None, :] >= (t - lengths)[:, None]
+    causal = np.tril(np.ones((t, t), bool))[None] & mask[:, None, :]
+    segments = np.minimum(np.arange(t)[None, :] // 9 + 1, 3) * (np.arange(t)[None, :] < t - 4)
+    packed = np.asarray(segment_mask(jnp.asarray(np.repeat(segments, b, 0))))
+    for allowed in (causal, packed):
+        allowed = jnp.asarray(allowed)
+
+        def loss(attend, q, k, v):
+            return jnp.sum(attend(q, k, v, allowed) * cot)
+
+        blocked = jax.value_and_grad(lambda *a: loss(lambda *x: causal_attention(*x, blocks=blocks, min_rows=min_rows), *a),
+                                     argnums=(0, 1, 2))(q, k, v)
+        whole = jax.value_and_grad(lambda *a: loss(grouped_attention, *a), argnums=(0, 1, 2))(q, k, v)
+        np.testing.assert_allclose(np.asarray(causal_attention(q, k, v, allowed, blocks=blocks, min_rows=min_rows)),
+                                   np.asarray(grouped_attention(q, k, v, allowed)), rtol=1e-5, atol=1e-6)
+        for got, want in zip(jax.tree.leaves(blocked), jax.tree.leaves(whole)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert not mask[2, :t - 5].any()  # the test has rows with no allowed key
 
 
 def test_grouped_attention_in_bfloat16_over_the_cache_runs():

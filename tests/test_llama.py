@@ -112,11 +112,13 @@ def test_logits_match_transformers(variant):
     assert got.dtype == jnp.float32
     assert rel_err(got, torch_logits(hf, single, np.ones_like(single))) <= TOL
 
-    ids, mask = left_padded_batch()
-    got = np.asarray(apply({"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)))
-    real = mask.astype(bool)
-    err = rel_err(got[real], torch_logits(hf, ids, mask)[real])
-    assert err <= TOL, f"{variant}: left-padded batch rel err {err:.2e}"
+    # 128 tokens: attention runs in two causal row blocks of 64 (blocks.causal_attention)
+    for lengths in ((12, 7, 3), (128, 90, 40)):
+        ids, mask = left_padded_batch(lengths=lengths)
+        got = np.asarray(apply({"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)))
+        real = mask.astype(bool)
+        err = rel_err(got[real], torch_logits(hf, ids, mask)[real])
+        assert err <= TOL, f"{variant}: left-padded batch {lengths} rel err {err:.2e}"
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
