@@ -204,18 +204,22 @@ def cgc_lora_dense(
     task_ids: [B]. Everything computes in x's dtype (the adapter path accumulates in float32);
     the result has x's dtype.
     """
-    y = _base_dense(x, kernel, bias)
+    y = _base_dense(x, kernel, bias, jnp.float32)
     scales = rank_scales(weights, task_ids, cfg)
     delta = lora_delta(x, lora["A"].astype(x.dtype), lora["B"].astype(x.dtype), scales, cfg.scaling)
-    return (y.astype(jnp.float32) + delta).astype(x.dtype)
+    return (y + delta).astype(x.dtype)
 
 
-def _base_dense(x: Array, kernel: Array, bias: Array | None) -> Array:
-    """x W0 + b in x's dtype, accumulated in float32. accum_einsum keeps the backward's matmuls in
-    x's dtype too: autodiff of a float32 output cast back to bf16 would hand the backward a float32
-    gradient and make XLA convert every frozen bf16 kernel to float32 (a float32 copy of the model)."""
-    y = accum_einsum(f"{_lead(x)}i,io->{_lead(x)}o", x, kernel.astype(x.dtype), out_dtype=x.dtype)
-    return y if bias is None else y + bias.astype(x.dtype)
+def _base_dense(x: Array, kernel: Array, bias: Array | None, out_dtype=None) -> Array:
+    """x W0 + b accumulated in float32, in `out_dtype` (None: x's dtype). accum_einsum keeps the
+    backward's matmuls in x's dtype too: autodiff of a float32 output cast back to bf16 would hand
+    the backward a float32 gradient and make XLA convert every frozen bf16 kernel to float32 (a
+    float32 copy of the model). An adapted layer takes the float32 sum and adds its delta before
+    the one rounding: XLA:CPU does not fuse a cast into the matmul, so a bf16 result here would
+    cost a separate pass over the output (and a second rounding)."""
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    y = accum_einsum(f"{_lead(x)}i,io->{_lead(x)}o", x, kernel.astype(x.dtype), out_dtype=out_dtype)
+    return y if bias is None else y + bias.astype(out_dtype)
 
 
 def adapter_initializers(cfg: CGCLoRAConfig) -> dict[str, Any]:
@@ -353,10 +357,9 @@ class Dense(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         x = x.astype(dtype)
-        y = _base_dense(x, kernel, bias)
         if not self.is_adapted:
-            return y
+            return _base_dense(x, kernel, bias)
         if adapters is None:
             raise ValueError(f"layer {'/'.join(self.path)} has CGC-LoRA adapters: pass AdapterInputs")
         delta = ExpertBank(self.lora, self.features, name="lora")(x, adapters, deterministic)
-        return (y.astype(jnp.float32) + delta).astype(dtype)
+        return (_base_dense(x, kernel, bias, jnp.float32) + delta).astype(dtype)
