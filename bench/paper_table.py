@@ -28,7 +28,9 @@ table. Seeds: seed k trains with train.seed = config seed + k (adapter init, dat
 dropout); the in-context row draws its examples with seed k.
 
 --quick: rows icl, lora_full, cgc_lora, one seed. --seeds K: K seeds for cgc_lora and lora_full
-(the rows whose difference the paper claims), min(K, --other-seeds) for the rest.
+(the rows whose difference the paper claims), min(K, --other-seeds) for the rest. Runs go seed by
+seed (every row's seed 0, then seed 1, ...), so a table cut short is still whole for the seeds it
+has; --minutes M starts no new row/seed after M minutes and summarises what finished.
 
 Prints the table (percent, mean +- std over seeds per task and average; std is the sample std,
 0 for one seed), writes OUT/table_dev.md, OUT/table_dev.png and OUT/table.json, and ends with one
@@ -124,6 +126,12 @@ def seeds_of(row: str, args) -> range:
     return range(args.seeds if row in MULTI_SEED_ROWS else min(args.seeds, args.other_seeds))
 
 
+def run_order(rows: list[str], args) -> list[tuple[str, int]]:
+    """(row, seed) pairs seed by seed, rows in table order within a seed (LoRAHub after LoRA Single)."""
+    most = max(len(seeds_of(row, args)) for row in rows)
+    return [(row, seed) for seed in range(most) for row in rows if seed in seeds_of(row, args)]
+
+
 def summarise(out: Path, rows: list[str], args) -> dict:
     """{row name: {task: [dev score per seed]}} of the finished folders."""
     table = {}
@@ -160,6 +168,8 @@ def main(argv=None) -> None:
     parser.add_argument("--icl-shots", type=int, default=2, help="in-context examples per prompt")
     parser.add_argument("--hub-shots", type=int, default=5, help="LoRAHub few-shot examples per task")
     parser.add_argument("--hub-budget", type=int, default=40, help="LoRAHub gradient-free evaluations per task")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="start no new row/seed after this many minutes; the table shows what finished")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every row, e.g. --override train.steps=100 (repeatable)")
     args = parser.parse_args(argv)
@@ -178,21 +188,25 @@ def main(argv=None) -> None:
     except ValueError as e:
         parser.error(f"config {args.config!r}: {e}")
     out = Path(args.out)
-    seconds = {}
-    for row in rows:
-        for seed in seeds_of(row, args):
-            folder = out / row / f"seed{seed}"
-            if (folder / DONE).is_file():
-                print(f"{row}/seed{seed}: done, skipped", flush=True)
-                continue
-            start = time.perf_counter()
-            run_row(row, seed, folder, args)
-            took = round(time.perf_counter() - start, 1)
-            (folder / DONE).write_text(json.dumps({"row": row, "seed": seed, "seconds": took}) + "\n")
-            seconds[f"{row}/seed{seed}"] = took
-            print(f"{ROW_NAMES[row]} seed {seed}: {took} s", flush=True)
+    seconds, began = {}, time.perf_counter()
+    for row, seed in run_order(rows, args):
+        folder = out / row / f"seed{seed}"
+        if (folder / DONE).is_file():
+            print(f"{row}/seed{seed}: done, skipped", flush=True)
+            continue
+        if args.minutes is not None and time.perf_counter() - began >= 60 * args.minutes:
+            print(f"{row}/seed{seed}: not started, --minutes {args.minutes:g} spent", flush=True)
+            continue
+        start = time.perf_counter()
+        run_row(row, seed, folder, args)
+        took = round(time.perf_counter() - start, 1)
+        (folder / DONE).write_text(json.dumps({"row": row, "seed": seed, "seconds": took}) + "\n")
+        seconds[f"{row}/seed{seed}"] = took
+        print(f"{ROW_NAMES[row]} seed {seed}: {took} s", flush=True)
 
     table = summarise(out, rows, args)
+    if not table:
+        raise SystemExit(f"no row/seed of {','.join(rows)} has finished in {out}: nothing to tabulate")
     text = mean_std_table(table)
     print()
     print(text)

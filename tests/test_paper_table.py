@@ -74,6 +74,32 @@ def test_finished_folders_are_skipped_and_summarised(tmp_path, capsys):
     assert json.loads(out.strip().splitlines()[-1])["total_seconds"] == 0
 
 
+def test_runs_go_seed_by_seed_and_stop_starting_when_the_minutes_are_spent(tmp_path, capsys, monkeypatch):
+    started = []
+
+    def fake_run(row, seed, folder, args):
+        started.append((row, seed))
+        folder.mkdir(parents=True)
+        (folder / "scores_dev.json").write_text(json.dumps({"KUAKE-QIC": 0.5, "average": 0.5}))
+        clock[0] += 400  # each run takes 400 s on the fake clock
+
+    clock = [0.0]
+    monkeypatch.setattr(paper_table, "run_row", fake_run)
+    monkeypatch.setattr(paper_table.time, "perf_counter", lambda: clock[0])
+    args = ["--config", "med8", "--out", str(tmp_path), "--rows", "lorahub,cgc_lora,lora_full,icl", "--seeds", "3"]
+    paper_table.main([*args, "--minutes", "20"])  # 3 runs of 400 s fit before minute 20, the 4th starts at 1200 s
+    order = [("icl", 0), ("lora_full", 0), ("lora_single", 0), ("cgc_lora", 0), ("lorahub", 0),
+             ("lora_full", 1), ("cgc_lora", 1), ("lora_full", 2), ("cgc_lora", 2)]
+    assert started == order[:3]
+    out = capsys.readouterr().out
+    assert out.count("not started, --minutes 20 spent") == len(order) - 3
+    assert set(json.loads((tmp_path / "table.json").read_text())) == {"In-context", "LoRA Full", "LoRA Single"}
+    paper_table.main(args)  # the same command without a budget finishes the table in the same order
+    assert started == order
+    with pytest.raises(SystemExit, match="nothing to tabulate"):
+        paper_table.main(["--config", "med8", "--out", str(tmp_path / "empty"), "--rows", "cgc_lora", "--minutes", "0"])
+
+
 @pytest.mark.slow
 def test_every_row_end_to_end_on_the_offline_demo(tmp_path, capsys):
     """All eight rows on demo_tiny (2 training steps, 2 dev records per task): each row/seed
