@@ -34,6 +34,7 @@ OVERRIDES = {  # config: (the config it starts from, the fields it sets over it)
     "demo": ("base", AS_ITS_FILE_SAYS),
     "demo_tiny": ("base", AS_ITS_FILE_SAYS),
     "med8": ("promptcblue", AS_ITS_FILE_SAYS),
+    "med8_gpu": ("med8", AS_ITS_FILE_SAYS),
 }
 
 
