@@ -118,7 +118,12 @@ def run_row(row: str, seed: int, folder: Path, args) -> None:
         run_lorahub(source, folder, shots=args.hub_shots, budget=args.hub_budget, split="test", seed=seed,
                     every_record=True)
         return
-    train(row_config(row, args.config, common), folder)
+    if train(row_config(row, args.config, common), folder).get("preempted"):
+        from cgc_lora_jax.training.preemption import EXIT_STATUS
+
+        print(f"{row}/seed{seed}: stopped by SIGTERM, its checkpoint saved in {folder}/checkpoints; the same "
+              "command resumes it", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_STATUS)
     answer_dev_and_test(folder)
 
 

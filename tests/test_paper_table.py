@@ -100,6 +100,18 @@ def test_runs_go_seed_by_seed_and_stop_starting_when_the_minutes_are_spent(tmp_p
         paper_table.main(["--config", "med8", "--out", str(tmp_path / "empty"), "--rows", "cgc_lora", "--minutes", "0"])
 
 
+def test_a_preempted_training_run_stops_the_table_cleanly(tmp_path, monkeypatch):
+    """SIGTERM during a row's training (a lent machine's time running out): exit 143 with the
+    checkpoint kept, no attempt to answer with adapters that were never written."""
+    import cgc_lora_jax.training.loop as loop
+
+    monkeypatch.setattr(loop, "train", lambda cfg, folder: {"step": 3, "preempted": True})
+    monkeypatch.setattr(paper_table, "answer_dev_and_test", lambda folder: pytest.fail("answered a preempted run"))
+    with pytest.raises(SystemExit) as stop:
+        paper_table.main(["--config", "med8", "--out", str(tmp_path), "--rows", "cgc_lora", "--seeds", "1"])
+    assert stop.value.code == 143 and not (tmp_path / "cgc_lora" / "seed0" / paper_table.DONE).exists()
+
+
 @pytest.mark.slow
 def test_every_row_end_to_end_on_the_offline_demo(tmp_path, capsys):
     """All eight rows on demo_tiny (2 training steps, 2 dev records per task): each row/seed
