@@ -24,7 +24,8 @@ tokens takes seconds, and the table trains ten runs and answers 721 test prompts
               prompts and left 32-token answers inside the fixed preambles: every trained row
               scored near the in-context row.)
   steps       100 steps of 8 sequences (800 samples, 0.13 epoch) for 8000 x 64: sized to the
-              time budget (about 8 s a step here with every block linear adapted), not tuned.
+              time budget (about 8 s a step with every block linear adapted on an AVX-512 BF16 CPU;
+              about 20 s on an AVX2-only one, where bf16 matmuls are slower than float32), not tuned.
   rank        N_c = 4 common experts of rank 2 and one rank-1 expert per task (total rank
               4 * 2 + 8 * 1 = 16) for the paper's 8 x 2 + 8 x 2 = 32: the adapter's size matters
               little at this data size, and the baselines keep the same total rank 16.
