@@ -15,7 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = [  # (stage, module prefixes); a module belongs to the longest prefix that matches it
     ("core", ("cgc_lora_jax", "cgc_lora_jax._checkout", "cgc_lora_jax.layers", "cgc_lora_jax.merge",
-              "cgc_lora_jax.params", "cgc_lora_jax.precision", "cgc_lora_jax.sharding", "cgc_lora_jax.loss", "cgc_lora_jax.target_loss",
+              "cgc_lora_jax.params", "cgc_lora_jax.precision", "cgc_lora_jax.sharding", "cgc_lora_jax.loss",
+              "cgc_lora_jax.target_loss",
               "cgc_lora_jax.baselines", "cgc_lora_jax.config",
               "cgc_lora_jax.configs", "cgc_lora_jax.scoring")),
     ("data", ("cgc_lora_jax.data",)),
