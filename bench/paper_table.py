@@ -132,9 +132,11 @@ def seeds_of(row: str, args) -> range:
 
 
 def run_order(rows: list[str], args) -> list[tuple[str, int]]:
-    """(row, seed) pairs seed by seed, rows in table order within a seed (LoRAHub after LoRA Single)."""
+    """(row, seed) pairs seed by seed, rows in table order within a seed (LoRAHub after LoRA Single);
+    with --only-seeds, those seeds alone (the table still summarises every finished seed)."""
     most = max(len(seeds_of(row, args)) for row in rows)
-    return [(row, seed) for seed in range(most) for row in rows if seed in seeds_of(row, args)]
+    chosen = range(most) if args.only_seeds is None else args.only_seeds
+    return [(row, seed) for seed in range(most) for row in rows if seed in seeds_of(row, args) and seed in chosen]
 
 
 def summarise(out: Path, rows: list[str], args) -> dict:
@@ -162,6 +164,16 @@ def mean_std_table(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of seed numbers") from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seed numbers 0, 1, ...")
+    return seeds
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="med8", help="the CGC-LoRA config every row starts from")
@@ -169,6 +181,9 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help=f"rows {','.join(QUICK_ROWS)}, one seed")
     parser.add_argument("--seeds", type=int, default=3, help=f"seeds of {' and '.join(MULTI_SEED_ROWS)}")
     parser.add_argument("--other-seeds", type=int, default=1, help="at most this many seeds for the other rows")
+    parser.add_argument("--only-seeds", type=seed_list, default=None, metavar="K,K",
+                        help="run these seeds alone (e.g. 2, or 0,1), as when several processes or machines "
+                             "share one table; the table shows every finished seed below --seeds")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     parser.add_argument("--icl-shots", type=int, default=2, help="in-context examples per prompt")
     parser.add_argument("--hub-shots", type=int, default=5, help="LoRAHub few-shot examples per task")
@@ -181,6 +196,9 @@ def main(argv=None) -> None:
     rows = list(QUICK_ROWS) if args.quick else [r.strip() for r in args.rows.split(",") if r.strip()]
     if args.quick:
         args.seeds = 1
+    if args.only_seeds is not None and max(args.only_seeds) >= args.seeds:
+        parser.error(f"--only-seeds {','.join(map(str, args.only_seeds))}: the table has seeds 0-{args.seeds - 1} "
+                     f"(--seeds {args.seeds})")
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {','.join(ROWS)}")

@@ -100,6 +100,28 @@ def test_runs_go_seed_by_seed_and_stop_starting_when_the_minutes_are_spent(tmp_p
         paper_table.main(["--config", "med8", "--out", str(tmp_path / "empty"), "--rows", "cgc_lora", "--minutes", "0"])
 
 
+def test_only_seeds_runs_those_seeds_and_the_table_shows_every_finished_one(tmp_path, capsys, monkeypatch):
+    """Two processes share one table folder: one runs seed 1 alone, the other seeds 0 and 2."""
+    started = []
+
+    def fake_run(row, seed, folder, args):
+        started.append((row, seed))
+        folder.mkdir(parents=True)
+        (folder / "scores_dev.json").write_text(json.dumps({"KUAKE-QIC": seed / 10, "average": seed / 10}))
+
+    monkeypatch.setattr(paper_table, "run_row", fake_run)
+    args = ["--config", "med8", "--out", str(tmp_path), "--rows", "cgc_lora,icl", "--seeds", "3"]
+    paper_table.main([*args, "--only-seeds", "1"])
+    assert started == [("cgc_lora", 1)]  # icl has one seed (--other-seeds 1): not seed 1
+    paper_table.main([*args, "--only-seeds", "2,0"])
+    assert started == [("cgc_lora", 1), ("icl", 0), ("cgc_lora", 0), ("cgc_lora", 2)]
+    assert json.loads((tmp_path / "table.json").read_text())["CGC-LoRA"]["average"] == [0.0, 0.1, 0.2]
+    for bad in ("3", "x", "-1"):
+        with pytest.raises(SystemExit):
+            paper_table.main([*args, "--only-seeds", bad])
+    assert "--only-seeds 3: the table has seeds 0-2" in capsys.readouterr().err
+
+
 def test_a_preempted_training_run_stops_the_table_cleanly(tmp_path, monkeypatch):
     """SIGTERM during a row's training (a lent machine's time running out): exit 143 with the
     checkpoint kept, no attempt to answer with adapters that were never written."""
