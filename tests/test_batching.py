@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cgc_lora_jax.data.batching import BatchIterator, make_batch, plan_epoch, prompt_batches
+from cgc_lora_jax.data.batching import BatchIterator, fitted_rows, make_batch, plan_epoch, prompt_batches
 from cgc_lora_jax.data.formatting import EncodedSplit
 from cgc_lora_jax.loss import IGNORE
 
@@ -138,6 +138,21 @@ def test_state_from_other_data_is_refused():
         BatchIterator(random_split(44), batch_size=4, seed=11, state=state)
     with pytest.raises(ValueError, match="outside"):
         BatchIterator(split, batch_size=4, seed=11, state={**state, "step": 99})
+
+
+def test_a_short_last_prompt_batch_is_fitted_to_a_power_of_two():
+    assert [fitted_rows(n, 64) for n in (1, 8, 9, 20, 32, 33, 63, 64, 100)] == [8, 8, 16, 32, 32, 64, 64, 64, 64]
+    assert fitted_rows(3, 6) == 6 and fitted_rows(5, 64, min_rows=1) == 8 and fitted_rows(1, 64, min_rows=1) == 1
+    split = make_split(list(range(3, 93)))  # 90 prompts, as a task of the med8 test split
+    split = EncodedSplit(split.input_ids, None, split.task_ids, split.sample_ids, PAD, Counter())
+    fixed = list(prompt_batches(split, 64, pad_multiple=16))
+    fitted = list(prompt_batches(split, 64, pad_multiple=16, fit_last=True))
+    assert [len(b.sample_index) for b in fixed] == [64, 64] and [len(b.sample_index) for b in fitted] == [64, 32]
+    np.testing.assert_array_equal(fitted[0].input_ids, fixed[0].input_ids)
+    # the fitted batch is the fixed one without its last 32 filler rows: same width, same real rows
+    np.testing.assert_array_equal(fitted[1].input_ids, fixed[1].input_ids[:32])
+    assert list(fitted[1].sample_index) == list(range(64, 90)) + [-1] * 6
+    assert (fixed[1].sample_index[32:] == -1).all()
 
 
 def test_prompt_batches_are_left_padded_in_order():

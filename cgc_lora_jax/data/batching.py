@@ -127,14 +127,24 @@ def make_batch(split: EncodedSplit, indices: np.ndarray, *, pad_multiple: int = 
                  split.task_ids[rows].astype(np.int32), indices, padding_fraction)
 
 
+def fitted_rows(count: int, batch_size: int, min_rows: int = 8) -> int:
+    """Rows of a batch that holds `count` prompts: batch_size, or for fewer prompts the next power
+    of two >= count (at least min_rows), so a short last batch computes fewer filler rows while
+    the compiled shapes stay few (min_rows, 2 * min_rows, ..., batch_size)."""
+    if count >= batch_size:
+        return batch_size
+    return min(batch_size, max(min_rows, 1 << max(count - 1, 0).bit_length()))
+
+
 def prompt_batches(split: EncodedSplit, batch_size: int, *, pad_multiple: int = 64,
-                   max_length: int | None = None, rows=None) -> Iterator[Batch]:
+                   max_length: int | None = None, rows=None, fit_last: bool = False) -> Iterator[Batch]:
     """Left-padded generation batches of `rows` (default: every sample) in order; the last is
-    completed with filler rows (sample_index -1), so every batch has batch_size rows."""
+    completed with filler rows (sample_index -1) to batch_size rows, or with fit_last to
+    `fitted_rows` (20 prompts in batches of 64: one batch of 32 rows, not 64)."""
     rows = np.arange(len(split)) if rows is None else np.asarray(rows, np.int64)
     for start in range(0, len(rows), batch_size):
-        indices = np.full(batch_size, -1, np.int64)
         chunk = rows[start:start + batch_size]
+        indices = np.full(fitted_rows(len(chunk), batch_size) if fit_last else batch_size, -1, np.int64)
         indices[:len(chunk)] = chunk
         yield make_batch(split, indices, pad_multiple=pad_multiple, max_length=max_length,
                          padding_side="left")

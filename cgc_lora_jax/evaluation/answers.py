@@ -2,8 +2,10 @@
 
     prompts  (EncodedSplit of generation prompts: encode_split(..., for_prediction=True), which
               truncates each prompt to max_source_len - 1 ids, or `prompts_from_texts`)
-      -> fixed-size batches of `rows`, left-padded (batching.prompt_batches; filler rows -1 keep
-         one batch shape per length bucket)
+      -> batches of `rows`, left-padded (batching.prompt_batches): batch_size rows, the last
+         one fitted to the next power of two >= its prompts (at least 8 rows; filler rows -1
+         complete it), so few batch shapes are compiled and a task's 20 prompts decode as 32
+         rows, not 64
       -> models.generate.generate (jit KV-cache decoding; greedy unless `sampling` says otherwise)
       -> each row's new ids cut at the first stop id (eos, and pad when decoding to text)
       -> tokenizer.decode(...).strip(), or the ids themselves when `tokenizer` is None
@@ -93,7 +95,8 @@ def generate_answers(model, params, prompts: EncodedSplit, rows, settings: Gener
     eos = eos_token_id if eos_token_id is not None or tokenizer is None else tokenizer.eos_token_id
     stops = stop_ids(tokenizer) if tokenizer is not None else np.atleast_1d(eos if eos is not None else []).tolist()
     answers = {}
-    for batch in prompt_batches(prompts, settings.batch_size, pad_multiple=settings.pad_multiple, rows=rows):
+    for batch in prompt_batches(prompts, settings.batch_size, pad_multiple=settings.pad_multiple, rows=rows,
+                                fit_last=True):
         new_ids = generate(model, params, batch.input_ids, batch.attention_mask,
                            batch.task_ids if with_task_ids else None, max_new_tokens=settings.max_new_tokens,
                            eos_token_id=eos, pad_token_id=prompts.pad_id, **sampling)
