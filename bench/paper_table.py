@@ -31,6 +31,12 @@ dropout); the in-context row draws its examples with seed k.
 (the rows whose difference the paper claims), min(K, --other-seeds) for the rest. Runs go seed by
 seed (every row's seed 0, then seed 1, ...), so a table cut short is still whole for the seeds it
 has; --minutes M starts no new row/seed after M minutes and summarises what finished.
+--only-seeds K,K runs those seeds alone, so that processes or machines can share a table (on one
+GPU, run them one after another: processes sharing a GPU without CUDA's multi-process service
+time-slice it, and six at once ran at about 1/40 of one's speed each). --override KEY=VALUE
+changes every row, --row-override ROW:KEY=VALUE one row (a learning rate chosen per row on dev).
+A finished folder is skipped whatever the overrides (each run's config.json records its own), so
+give a table of other settings its own --out.
 
 Prints the table (percent, mean +- std over seeds per task and average; std is the sample std,
 0 for one seed), writes OUT/table_dev.md, OUT/table_dev.png and OUT/table.json, and ends with one
@@ -102,7 +108,8 @@ def run_row(row: str, seed: int, folder: Path, args) -> None:
     from cgc_lora_jax.evaluation.lorahub import run_lorahub
     from cgc_lora_jax.training.loop import train
 
-    common = [*args.override, f"train.seed={load_config(args.config, args.override).train.seed + seed}"]
+    overrides = overrides_of(row, args)
+    common = [*overrides, f"train.seed={load_config(args.config, overrides).train.seed + seed}"]
     if row == "icl":
         cfg = load_config(args.config, common)
         with cfg.unlocked():
@@ -125,6 +132,21 @@ def run_row(row: str, seed: int, folder: Path, args) -> None:
               "command resumes it", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_STATUS)
     answer_dev_and_test(folder)
+
+
+def overrides_of(row: str, args) -> list[str]:
+    """--override for every row, then this row's --row-override (LoRAHub composes LoRA Single's
+    adapters, so it takes LoRA Single's)."""
+    source = "lora_single" if row == "lorahub" else row
+    return [*args.override, *(kv for name, kv in args.row_override if name in (row, source))]
+
+
+def row_override(text: str) -> tuple[str, str]:
+    row, sep, kv = text.partition(":")
+    if not sep or "=" not in kv or row not in ROWS:
+        raise argparse.ArgumentTypeError(f"{text!r}: give ROW:KEY=VALUE with ROW one of {','.join(ROWS)}, "
+                                         "e.g. cgc_lora:train.lr=3e-3")
+    return row, kv
 
 
 def seeds_of(row: str, args) -> range:
@@ -192,6 +214,9 @@ def main(argv=None) -> None:
                         help="start no new row/seed after this many minutes; the table shows what finished")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every row, e.g. --override train.steps=100 (repeatable)")
+    parser.add_argument("--row-override", action="append", default=[], type=row_override, metavar="ROW:KEY=VALUE",
+                        help="a config override for one row, after --override, e.g. --row-override "
+                             "cgc_lora:train.lr=3e-3 (repeatable): a learning rate chosen per row on dev")
     args = parser.parse_args(argv)
     rows = list(QUICK_ROWS) if args.quick else [r.strip() for r in args.rows.split(",") if r.strip()]
     if args.quick:
@@ -207,7 +232,7 @@ def main(argv=None) -> None:
     rows.sort(key=lambda r: (r == "lorahub", ROWS.index(r)))  # LoRAHub after LoRA Single
     try:
         for row in set(rows) - {"icl"}:
-            row_config(row, args.config, args.override)  # a row that cannot have the total rank fails now
+            row_config(row, args.config, overrides_of(row, args))  # a row that cannot be made fails now
     except ValueError as e:
         parser.error(f"config {args.config!r}: {e}")
     out = Path(args.out)

@@ -122,6 +122,35 @@ def test_only_seeds_runs_those_seeds_and_the_table_shows_every_finished_one(tmp_
     assert "--only-seeds 3: the table has seeds 0-2" in capsys.readouterr().err
 
 
+def test_row_overrides_reach_their_row_alone(tmp_path, monkeypatch, capsys):
+    """--row-override cgc_lora:train.lr=...: a learning rate per row, on top of --override."""
+    import cgc_lora_jax.training.loop as loop
+
+    trained = {}
+
+    def fake_train(cfg, folder):
+        trained[folder.parent.name] = (cfg.train.lr, cfg.train.steps, cfg.train.seed)
+        folder.mkdir(parents=True)
+        return {"step": cfg.train.steps}
+
+    def fake_answer(folder):
+        (folder / "scores_dev.json").write_text(json.dumps({"KUAKE-QIC": 0.5, "average": 0.5}))
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    monkeypatch.setattr(paper_table, "answer_dev_and_test", fake_answer)
+    seed = load_config("med8").train.seed
+    paper_table.main(["--config", "med8", "--out", str(tmp_path), "--rows", "lora_full,cgc_lora,moelora", "--seeds", "1",
+                      "--override", "train.steps=7", "--row-override", "cgc_lora:train.lr=0.003",
+                      "--row-override", "moelora:train.lr=0.002", "--row-override", "cgc_lora:train.steps=9"])
+    base_lr = load_config("med8").train.lr
+    assert trained == {"lora_full": (base_lr, 7, seed), "cgc_lora": (0.003, 9, seed), "moelora": (0.002, 7, seed)}
+    assert json.loads((tmp_path / "cgc_lora" / "seed0" / paper_table.DONE).read_text())["row"] == "cgc_lora"
+    for bad in ("cgc_lora", "cgc_lora:train.lr", "nosuchrow:train.lr=1"):
+        with pytest.raises(SystemExit):
+            paper_table.main(["--config", "med8", "--out", str(tmp_path / "x"), "--row-override", bad])
+    assert "give ROW:KEY=VALUE" in capsys.readouterr().err
+
+
 def test_a_preempted_training_run_stops_the_table_cleanly(tmp_path, monkeypatch):
     """SIGTERM during a row's training (a lent machine's time running out): exit 143 with the
     checkpoint kept, no attempt to answer with adapters that were never written."""
