@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.path = "checkpoints/chatglm-6b"  # frozen base: HF folder, .gguf file, or hub:NAME (cgc_lora_jax/hub.py)
     c.model.builtin = ""  # "tiny-chatglm": a seeded random tiny ChatGLM-6B-architecture base (demo)
-    c.model.dtype = "bfloat16"  # parameter and activation dtype: float32 | bfloat16
+    c.model.dtype = "bfloat16"  # parameter and activation dtype: float32 | bfloat16 | auto (bf16 where it is faster: precision.resolve_dtype)
     c.model.remat = False  # recompute each block in the backward pass (saves activation memory; train.py then adds XLA:CPU's low-memory schedule)
 
     c.lora = ml_collections.ConfigDict()

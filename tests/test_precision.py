@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cgc_lora_jax.layers import CGCLoRAConfig, Dense, TaskRouting
-from cgc_lora_jax.precision import accum_einsum
+from cgc_lora_jax.precision import accum_einsum, cpu_has_native_bf16, resolve_dtype
 from models.blocks import grouped_attention
 
 SPECS = {  # the attention matmuls (grouped and plain) and a dense layer
@@ -110,3 +110,33 @@ def test_bad_specs_are_named_errors(spec, why):
 def test_mixed_operand_dtypes_are_an_error():
     with pytest.raises(ValueError, match="float32 and bfloat16"):
         accum_einsum("ab,bc->ac", jnp.ones((2, 3)), jnp.ones((3, 2), jnp.bfloat16))
+
+
+AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f_not_a_bf16_flag\nbugs\t\t: bf16_is_not_a_flag_here\n"
+AVX512_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n"
+
+
+def test_auto_dtype_is_bf16_only_where_bf16_matmuls_are_native():
+    assert not cpu_has_native_bf16(AVX2) and cpu_has_native_bf16(AVX512_BF16) and cpu_has_native_bf16(ARM_BF16)
+    assert not cpu_has_native_bf16("")
+    assert resolve_dtype("auto", "cpu", AVX2) == "float32"
+    assert resolve_dtype("auto", "cpu", AVX512_BF16) == resolve_dtype("auto", "cpu", ARM_BF16) == "bfloat16"
+    assert resolve_dtype("auto", "gpu", AVX2) == resolve_dtype("auto", "tpu", AVX2) == "bfloat16"
+    assert resolve_dtype("bfloat16", "cpu", AVX2) == "bfloat16" and resolve_dtype("float32", "gpu") == "float32"
+
+
+def test_a_config_dtype_of_auto_loads_the_base_in_this_machines_dtype(monkeypatch):
+    import ml_collections
+
+    from cgc_lora_jax import precision
+    from cgc_lora_jax.run import load_base
+
+    model_cfg = ml_collections.ConfigDict({"path": "", "builtin": "tiny-chatglm", "dtype": "auto", "remat": False})
+    monkeypatch.setattr(precision.jax, "default_backend", lambda: "cpu")  # the CPU rule, on any machine
+    for cpuinfo, want in ((AVX2, np.dtype("float32")), (AVX512_BF16, np.dtype(jnp.bfloat16))):
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda info=None, c=cpuinfo: "avx512_bf16" in c)
+        base = load_base(model_cfg, lora=None, with_tokenizer=False)
+        assert {leaf.dtype for leaf in jax.tree.leaves(base.params)} == {want}
+    with pytest.raises(ValueError, match=r"model.dtype='float16': expected one of .*'auto'"):
+        load_base(ml_collections.ConfigDict({**model_cfg.to_dict(), "dtype": "float16"}), lora=None)

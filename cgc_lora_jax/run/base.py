@@ -85,9 +85,12 @@ def tiny_chatglm_config(vocab_size: int) -> dict:
 
 
 def _dtype(name: str):
-    if name not in DTYPES:
-        raise ValueError(f"model.dtype={name!r}: expected one of {sorted(DTYPES)}")
-    return DTYPES[name]
+    """The jnp dtype of a config's model.dtype; "auto" resolves on this machine (precision.resolve_dtype)."""
+    from cgc_lora_jax.precision import resolve_dtype
+
+    if name not in DTYPES and name != "auto":
+        raise ValueError(f"model.dtype={name!r}: expected one of {sorted(DTYPES) + ['auto']}")
+    return DTYPES[resolve_dtype(name)]
 
 
 def load_tokenizer(family: str, path: str | os.PathLike):

@@ -35,6 +35,7 @@ from cgc_lora_jax.training.distributed import (barrier, global_batch, host_rows,
 from cgc_lora_jax.training.preemption import PreemptionWatch
 from cgc_lora_jax.config import to_json
 from cgc_lora_jax.params import count_parameters, split_params
+from cgc_lora_jax.precision import describe_dtype
 from cgc_lora_jax.training.run_log import RunLog
 from cgc_lora_jax.sharding import make_mesh
 from cgc_lora_jax.data.task_vocab import TaskVocab
@@ -153,7 +154,8 @@ def train(cfg, workdir: str | Path) -> dict:
     log = RunLog(workdir, cfg.train.steps, start, write_files=primary)
     log.info(f"devices: {jax.device_count()} x {jax.devices()[0].platform} on {jax.process_count()} host(s); "
              f"mesh {dict(mesh.shape)}")
-    log.info(f"base: {base.info['path']} ({base.family}); tasks: {', '.join(vocab.tasks)}")
+    log.info(f"base: {base.info['path']} ({base.family}, {describe_dtype(cfg.model.dtype)}); "
+             f"tasks: {', '.join(vocab.tasks)}")
     log.info(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.4%})")
     log.info(f"train samples: {len(data.train)}; truncated: {dict(data.train.truncated) or 'none'}; "
              f"read: {data.summaries.get('train')}")
