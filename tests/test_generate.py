@@ -266,3 +266,25 @@ def test_greedy_choice_is_the_first_maximum(dtype):
     logits = jnp.asarray(logits, dtype)
     expected = np.argmax(np.asarray(logits, np.float32), axis=-1)
     np.testing.assert_array_equal(np.asarray(gen.greedy_tokens(logits)), expected)
+
+
+def test_answers_of_a_short_batch_decode_fitted_rows_and_equal_transformers(monkeypatch):
+    """generate_answers fits a short batch (5 prompts, batch size 64) to 8 rows; every answer is
+    still transformers' greedy answer, cut at eos."""
+    from collections import Counter
+
+    from cgc_lora_jax.data.formatting import EncodedSplit
+    from cgc_lora_jax.evaluation.answers import GenerationSettings, cut_at_stop, generate_answers
+
+    lengths = (9, 5, 2, 7, 4)
+    ids, mask = prompts(lengths, seed=5)
+    split = EncodedSplit([row[m.astype(bool)].astype(np.int32) for row, m in zip(ids, mask)], None,
+                         np.zeros(len(lengths), np.int32), [str(i) for i in range(len(lengths))], PAD, Counter())
+    rows_seen, real_generate = [], gen.generate
+    monkeypatch.setattr(gen, "generate", lambda *a, **k: rows_seen.append(np.shape(a[2])[0]) or real_generate(*a, **k))
+    _, model, params = tiny_llama()
+    answers = generate_answers(model, params, split, np.arange(len(lengths)), GenerationSettings(64, NEW, 16),
+                               eos_token_id=2)
+    assert rows_seen == [8]
+    want = torch_greedy(ids, mask, eos=2)
+    assert [answers[i] for i in range(len(lengths))] == [cut_at_stop(row, [2]) for row in want]
