@@ -91,11 +91,11 @@ def test_adapters_attach_only_to_their_base(tmp_path):
 
 
 def test_answering_model_config_takes_eval_dtype_over_model_dtype():
-    cfg = load_config("demo", [])
+    cfg = load_config("demo", ["model.dtype=bfloat16"])  # a concrete training dtype that differs
     assert cfg.model.dtype == "bfloat16" and cfg.eval.dtype == "float32"
     answering = answering_model_config(cfg)
     assert answering.dtype == "float32"
     assert {k: v for k, v in answering.items() if k != "dtype"} == {k: v for k, v in cfg.model.items() if k != "dtype"}
     assert cfg.model.dtype == "bfloat16"  # the run's own config is left as it is
-    unset = load_config("demo", ["eval.dtype="])
+    unset = load_config("demo", ["model.dtype=bfloat16", "eval.dtype="])
     assert answering_model_config(unset).dtype == "bfloat16"
