@@ -28,10 +28,12 @@ import re
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 Array = jax.Array
 
 
+@functools.lru_cache(maxsize=None)
 def _parse(spec: str) -> tuple[str, str, str]:
     match = re.fullmatch(r"([a-zA-Z]*),([a-zA-Z]*)->([a-zA-Z]*)", spec.replace(" ", ""))
     if match is None:
@@ -42,12 +44,42 @@ def _parse(spec: str) -> tuple[str, str, str]:
         if lonely:
             raise ValueError(f"accum_einsum spec {spec!r}: index {lonely} of the {name} operand appears "
                              "nowhere else; sum it out before the einsum")
+    for name, axes in (("first operand", a), ("second operand", b), ("output", out)):
+        repeated = sorted(c for c in set(axes) if axes.count(c) > 1)
+        if repeated:
+            raise ValueError(f"accum_einsum spec {spec!r}: index {repeated} repeats in the {name}")
+    stray = sorted(set(out) - set(a + b))
+    if stray:
+        raise ValueError(f"accum_einsum spec {spec!r}: output index {stray} is in neither operand")
     return a, b, out
+
+
+@functools.lru_cache(maxsize=None)
+def _dot_plan(a: str, b: str, out: str):
+    """lax.dot_general dimension numbers for einsum "a,b->out", and the transpose (or None) that
+    puts dot_general's (batch, a's free, b's free) result axes in `out`'s order."""
+    batch = [c for c in a if c in b and c in out]
+    summed = [c for c in a if c in b and c not in out]
+    dims = ((tuple(a.index(c) for c in summed), tuple(b.index(c) for c in summed)),
+            (tuple(a.index(c) for c in batch), tuple(b.index(c) for c in batch)))
+    natural = "".join(batch) + "".join(c for c in a if c not in b) + "".join(c for c in b if c not in a)
+    perm = tuple(natural.index(c) for c in out)
+    return dims, None if perm == tuple(range(len(perm))) else perm
+
+
+def _einsum_f32(a_axes: str, b_axes: str, out_axes: str, a: Array, b: Array) -> Array:
+    """einsum(f"{a_axes},{b_axes}->{out_axes}", a, b) accumulated and returned in float32, as one
+    dot_general: the same contraction as jnp.einsum's, at a fraction of its tracing cost (which is
+    paid for every dense layer of an unrolled model, forward and backward)."""
+    dims, perm = _dot_plan(a_axes, b_axes, out_axes)
+    y = lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    return y if perm is None else lax.transpose(y, perm)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def _accum_einsum(spec: str, a: Array, b: Array, out_dtype) -> Array:
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
+    y = _einsum_f32(*_parse(spec), a, b)
+    return y if y.dtype == out_dtype else y.astype(out_dtype)
 
 
 def _fwd(spec, a, b, out_dtype):
@@ -57,10 +89,10 @@ def _fwd(spec, a, b, out_dtype):
 def _bwd(spec, out_dtype, residuals, g):
     a, b = residuals
     a_axes, b_axes, out_axes = _parse(spec)
-    g = g.astype(a.dtype)
-    da = jnp.einsum(f"{out_axes},{b_axes}->{a_axes}", g, b, preferred_element_type=jnp.float32)
-    db = jnp.einsum(f"{out_axes},{a_axes}->{b_axes}", g, a, preferred_element_type=jnp.float32)
-    return da.astype(a.dtype), db.astype(b.dtype)
+    g = g if g.dtype == a.dtype else g.astype(a.dtype)
+    da = _einsum_f32(out_axes, b_axes, a_axes, g, b)
+    db = _einsum_f32(out_axes, a_axes, b_axes, g, a)
+    return (da if da.dtype == a.dtype else da.astype(a.dtype)), (db if db.dtype == b.dtype else db.astype(b.dtype))
 
 
 _accum_einsum.defvjp(_fwd, _bwd)
