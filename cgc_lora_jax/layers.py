@@ -133,10 +133,12 @@ class CGCLoRAConfig:
 
 @struct.dataclass
 class AdapterInputs:
-    """What every wrapped layer needs about the batch: task IDs [B] and shared gate weights."""
+    """What every wrapped layer needs about the batch: task IDs [B], the shared gate's weights and
+    their spread onto the rank columns (computed once per forward, not once per layer)."""
 
     task_ids: Array  # [B] int32
     gate_weights: Array | None = None  # [B, num_slots]; set in "shared" mode only
+    rank_scales: Array | None = None  # [B, total_rank] = rank_scales(weights); "shared" and "uniform"
 
 
 def gate_weights(gate_params: dict, task_ids: Array, cfg: CGCLoRAConfig) -> Array:
@@ -290,10 +292,15 @@ class TaskRouting(nn.Module):
         task_ids = jnp.asarray(task_ids, jnp.int32)
         if task_ids.shape != (batch_size,):
             raise ValueError(f"task_ids has shape {task_ids.shape}, expected ({batch_size},)")
-        weights = None
+        weights = scales = None
         if self.cfg.gate == "shared":
             weights = gate_weights(_make_gate_params(self, self.cfg), task_ids, self.cfg)
-        return AdapterInputs(task_ids=task_ids, gate_weights=weights)
+        elif self.cfg.gate == "uniform":
+            weights = uniform_weights(task_ids, self.cfg)
+        if weights is not None:
+            scales = rank_scales(weights, task_ids, self.cfg)
+        return AdapterInputs(task_ids=task_ids, gate_weights=weights if self.cfg.gate == "shared" else None,
+                             rank_scales=scales)
 
 
 class ExpertBank(nn.Module):
@@ -313,19 +320,20 @@ class ExpertBank(nn.Module):
         lora_a = self.param("A", inits["A"], (x.shape[-1], r), jnp.float32)
         lora_b = self.param("B", inits["B"], (r, self.features), jnp.float32)
         if cfg.gate == "per_layer":
-            weights = TaskGate(cfg, name="gate")(adapters.task_ids)
+            scales = rank_scales(TaskGate(cfg, name="gate")(adapters.task_ids), adapters.task_ids, cfg)
+        elif adapters.rank_scales is not None:
+            scales = adapters.rank_scales
         elif cfg.gate == "uniform":
-            weights = uniform_weights(adapters.task_ids, cfg)
+            scales = rank_scales(uniform_weights(adapters.task_ids, cfg), adapters.task_ids, cfg)
         elif adapters.gate_weights is None:
             raise ValueError(
                 f"layer {'/'.join(self.path[:-1])}: shared gate mode needs AdapterInputs with "
                 "gate_weights; build them with TaskRouting at the model's top"
             )
         else:
-            weights = adapters.gate_weights
+            scales = rank_scales(adapters.gate_weights, adapters.task_ids, cfg)
         if cfg.dropout:
             x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-        scales = rank_scales(weights, adapters.task_ids, cfg)
         return lora_delta(x, lora_a.astype(x.dtype), lora_b.astype(x.dtype), scales, cfg.scaling)
 
 
