@@ -4,9 +4,11 @@ One compiled program per (model, prompt bucket, batch size, max_new_tokens, numb
 pad id, do_sample): it prefills the KV cache with the prompt and runs a `jax.lax.while_loop` over decode
 steps, so no step recompiles and the loop ends as soon as every row has emitted an eos.
 
-Prompt buckets: the prompt is left-padded (pad_token_id, attention_mask 0) to the next power of two,
-at least `MIN_PROMPT_BUCKET`: prompts of 5 and 7 tokens share the 16-token program, 17 to 32 tokens
-the 32-token one. Every family derives positions from the attention mask and masks padded keys, so
+Prompt buckets: the prompt is left-padded (pad_token_id, attention_mask 0) to the next bucket, a
+power of two or one and a half times one, at least `MIN_PROMPT_BUCKET` (16, 24, 32, 48, 64, 96, ...):
+prompts of 5 and 7 tokens share the 16-token program, 33 to 48 tokens the 48-token one. A prompt
+pays for at most a third more positions than it has (a power-of-two ladder alone: up to twice), at
+the price of at most twice the programs. Every family derives positions from the attention mask and masks padded keys, so
 the extra left padding does not change the result.
 
 Token choice at each step, from the last position's logits l [B, V] (float32):
@@ -41,8 +43,9 @@ MIN_PROMPT_BUCKET = 16  # shortest prompt bucket, in tokens
 
 
 def prompt_bucket(length: int) -> int:
-    """The padded prompt length: the next power of two >= length, at least MIN_PROMPT_BUCKET."""
-    return max(MIN_PROMPT_BUCKET, 1 << max(length - 1, 0).bit_length())
+    """The padded prompt length: the smallest 2^k or 3 * 2^(k-1) >= length, at least MIN_PROMPT_BUCKET."""
+    power = 1 << max(length - 1, 0).bit_length()  # the next power of two >= length
+    return max(MIN_PROMPT_BUCKET, 3 * power // 4 if 3 * power // 4 >= length else power)
 
 
 def left_pad(input_ids, attention_mask, length: int, pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:

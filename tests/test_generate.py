@@ -121,8 +121,22 @@ def test_filter_logits_keeps_what_transformers_warpers_keep(top_k, top_p):
     np.testing.assert_array_equal(np.isfinite(np.asarray(got)), np.isfinite(want.numpy()))
 
 
+def test_prompt_buckets_waste_at_most_a_third():
+    """Each bucket is 2^k or 3 * 2^(k-1), the smallest such >= the length: padding stays under a third of the
+    bucket, and consecutive buckets grow by 4/3 or 3/2 (few programs)."""
+    lengths = np.arange(1, 5000)
+    buckets = np.array([gen.prompt_bucket(int(n)) for n in lengths])
+    assert (buckets >= lengths).all() and (buckets >= gen.MIN_PROMPT_BUCKET).all()
+    big = lengths > gen.MIN_PROMPT_BUCKET
+    assert ((buckets[big] - lengths[big]) < buckets[big] / 3).all()
+    ladder = sorted(set(buckets.tolist()))
+    assert ladder[:8] == [16, 24, 32, 48, 64, 96, 128, 192]
+    for b in ladder:  # a 2^k or 3 * 2^(k-1)
+        assert b & (b - 1) == 0 or (b % 3 == 0 and (b // 3) & (b // 3 - 1) == 0)
+
+
 def test_prompt_lengths_in_one_bucket_share_one_compilation():
-    assert [gen.prompt_bucket(n) for n in (1, 5, 16, 17, 32, 33)] == [16, 16, 16, 32, 32, 64]
+    assert [gen.prompt_bucket(n) for n in (1, 5, 16, 17, 32, 33)] == [16, 16, 16, 24, 32, 48]
     ids, mask = prompts(lengths=(5, 3, 1))
     ours(ids, mask)
     compiled = gen._generate._cache_size()
