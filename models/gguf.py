@@ -20,12 +20,16 @@ A model without `output.weight` ties its head to `token_embd.weight` (SmolLM2).
     model, params = load_pretrained("folder/holding/one/gguf", jnp.bfloat16, lora=lora_cfg)
 
 The metadata is parsed once per file version (cached on path, size and mtime); tensors are read
-from the file one at a time into fresh buffers, so no memory map outlives a load.
+from the file one at a time into fresh buffers, so no memory map outlives a load. gguf's reader
+takes ~3 s over SmolLM2's 49152-token vocabulary, so a GGUF inside the hub cache
+(cgc_lora_jax/hub.py) also keeps its parsed header beside it, `<file>.header` (JSON; valid while the
+file's size and mtime are those it records), and later processes read that instead.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 from pathlib import Path
@@ -111,9 +115,65 @@ def read_gguf(file: str | os.PathLike) -> GGUFCheckpoint:
 
 @functools.lru_cache(maxsize=4)
 def _parse(path: str, size: int, mtime_ns: int) -> GGUFCheckpoint:
+    file = Path(path)
+    header = _read_header(file, size, mtime_ns)
+    if header is None:
+        header = _parse_header(file, size)
+        if _in_hub_cache(file):
+            _write_header(file, size, mtime_ns, *header)
+    metadata, tensors = header
+    hf_config = _hf_config(file, metadata, tensors)
+    _check_complete(file, hf_config, tensors)
+    return GGUFCheckpoint(file, metadata, tensors, hf_config)
+
+
+HEADER_FORMAT = 1  # version of the `<file>.header` layout
+
+
+def _header_file(file: Path) -> Path:
+    return file.with_name(file.name + ".header")  # not .json: run fingerprints hash a folder's .json files
+
+
+def _in_hub_cache(file: Path) -> bool:
+    from cgc_lora_jax.hub import cache_dir
+
+    return file.resolve().is_relative_to(cache_dir().resolve())
+
+
+def _read_header(file: Path, size: int, mtime_ns: int) -> tuple[dict, dict[str, TensorInfo]] | None:
+    """The parsed header kept beside `file`, or None when there is none or it is not this version of
+    the file (any unreadable or stale header is ignored: the file itself is parsed again)."""
+    from gguf import GGMLQuantizationType
+
+    try:
+        saved = json.loads(_header_file(file).read_text(encoding="utf-8"))
+        if (saved["format"], saved["size"], saved["mtime_ns"]) != (HEADER_FORMAT, size, mtime_ns):
+            return None
+        tensors = {hf: TensorInfo(name, GGMLQuantizationType(qtype), tuple(shape), np.dtype(dtype), offset, nbytes)
+                   for hf, name, qtype, shape, dtype, offset, nbytes in saved["tensors"]}
+        return saved["metadata"], tensors
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_header(file: Path, size: int, mtime_ns: int, metadata: dict, tensors: dict[str, TensorInfo]) -> None:
+    rows = [[hf, t.name, int(t.qtype), list(t.stored_shape), t.stored_dtype.str, t.offset, t.nbytes]
+            for hf, t in tensors.items()]
+    text = json.dumps({"format": HEADER_FORMAT, "size": size, "mtime_ns": mtime_ns, "metadata": metadata,
+                       "tensors": rows})
+    target = _header_file(file)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError:  # a read-only cache: parse again next time
+        tmp.unlink(missing_ok=True)
+
+
+def _parse_header(file: Path, size: int) -> tuple[dict, dict[str, TensorInfo]]:
+    """(metadata, {HF name: TensorInfo}) read by gguf's GGUFReader."""
     from gguf import GGUFReader
 
-    file = Path(path)
     try:
         reader = GGUFReader(file)
         metadata = {key: field.contents() for key, field in reader.fields.items()}
@@ -127,9 +187,7 @@ def _parse(path: str, size: int, mtime_ns: int) -> GGUFCheckpoint:
     except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt or truncated file
         raise ValueError(f"{file} is not a valid GGUF file (corrupt or truncated header): {e}") from e
     del reader  # drops the memory map
-    hf_config = _hf_config(file, metadata, tensors)
-    _check_complete(file, hf_config, tensors)
-    return GGUFCheckpoint(file, metadata, tensors, hf_config)
+    return metadata, tensors
 
 
 def _hf_config(file: Path, meta: dict, tensors: dict[str, TensorInfo]) -> dict:

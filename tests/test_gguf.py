@@ -6,6 +6,8 @@ block-quantised, then compares our logits and greedy ids with transformers'
 `AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)` (its own dequantisation).
 """
 
+import json
+import os
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -83,6 +85,50 @@ def test_corrupted_header_is_a_named_error(tmp_path):
     (tmp_path / "cut.gguf").write_bytes(bytes((tmp_path / "m.gguf").read_bytes()[:5000]))
     with pytest.raises(ValueError, match=r"cut\.gguf is not a valid GGUF file"):
         load_pretrained(tmp_path / "cut.gguf")
+
+
+def test_a_hub_cached_gguf_keeps_its_parsed_header_and_reads_it_back(tmp_path, monkeypatch):
+    from cgc_lora_jax.models import gguf as gguf_module
+
+    monkeypatch.setenv("CGC_LORA_JAX_CACHE", str(tmp_path / "cache"))
+    cached, outside = tmp_path / "cache" / "base" / "m.gguf", tmp_path / "elsewhere" / "m.gguf"
+    for file in (cached, outside):
+        file.parent.mkdir(parents=True)
+        write_tiny_gguf(file, "llama", Q.Q8_0)
+    parsed = {file: read_gguf(file) for file in (cached, outside)}
+    assert (cached.parent / "m.gguf.header").is_file()
+    assert not (outside.parent / "m.gguf.header").exists()  # no files written beside a user's checkpoint
+
+    def refuse(file, size):
+        raise AssertionError(f"parsed {file} again")
+
+    gguf_module._parse.cache_clear()
+    monkeypatch.setattr(gguf_module, "_parse_header", refuse)
+    again = read_gguf(cached)  # from the header file: the same checkpoint description
+    assert (again.metadata, again.tensors, again.hf_config) == (parsed[cached].metadata, parsed[cached].tensors,
+                                                              parsed[cached].hf_config)
+    _, from_header = load_pretrained(cached, jnp.float32)
+    gguf_module._parse.cache_clear()
+    monkeypatch.undo()
+    _, from_file = load_pretrained(outside, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(from_header["model"]["layers_1"]["self_attn"]["q_proj"]["kernel"]),
+                                  np.asarray(from_file["model"]["layers_1"]["self_attn"]["q_proj"]["kernel"]))
+
+    # a changed file (another mtime) or a damaged header file is parsed again, and the header rewritten
+    monkeypatch.setenv("CGC_LORA_JAX_CACHE", str(tmp_path / "cache"))
+    for damage in ("touch", "garbage"):
+        if damage == "touch":
+            os.utime(cached, ns=(cached.stat().st_atime_ns, cached.stat().st_mtime_ns + 10**9))
+        else:
+            (cached.parent / "m.gguf.header").write_text("{not json")
+        gguf_module._parse.cache_clear()
+        calls = []
+        real = gguf_module._parse_header
+        monkeypatch.setattr(gguf_module, "_parse_header", lambda file, size: calls.append(file) or real(file, size))
+        assert read_gguf(cached).tensors == parsed[cached].tensors and calls == [cached]
+        saved = json.loads((cached.parent / "m.gguf.header").read_text())
+        assert saved["mtime_ns"] == cached.stat().st_mtime_ns
+        monkeypatch.setattr(gguf_module, "_parse_header", real)
 
 
 def test_missing_tensor_and_unsupported_architecture_are_named(tmp_path):
