@@ -100,6 +100,8 @@ def test_bf16_attention_and_adapted_dense_backward_have_no_float32_matmul():
     ("...i,io->...o", "explicit form"),
     ("abi,ij->ab", "index \\['j'\\] of the second operand"),
     ("ab,bc", "explicit form"),
+    ("aa,ab->b", "index \\['a'\\] repeats in the first operand"),
+    ("ab,bc->acd", "output index \\['d'\\] is in neither operand"),
 ])
 def test_bad_specs_are_named_errors(spec, why):
     a = jnp.ones((2, 3))
