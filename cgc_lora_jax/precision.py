@@ -56,24 +56,36 @@ def _parse(spec: str) -> tuple[str, str, str]:
 
 @functools.lru_cache(maxsize=None)
 def _dot_plan(a: str, b: str, out: str):
-    """lax.dot_general dimension numbers for einsum "a,b->out", and the transpose (or None) that
-    puts dot_general's (batch, a's free, b's free) result axes in `out`'s order."""
-    batch = [c for c in a if c in b and c in out]
-    summed = [c for c in a if c in b and c not in out]
-    dims = ((tuple(a.index(c) for c in summed), tuple(b.index(c) for c in summed)),
-            (tuple(a.index(c) for c in batch), tuple(b.index(c) for c in batch)))
-    natural = "".join(batch) + "".join(c for c in a if c not in b) + "".join(c for c in b if c not in a)
-    perm = tuple(natural.index(c) for c in out)
-    return dims, None if perm == tuple(range(len(perm))) else perm
+    """(swap, lax.dot_general dimension numbers, transpose or None) for einsum "a,b->out".
+
+    dot_general's result axes are (batch, first operand's free, second operand's free); the
+    operands go in the order that already gives `out`'s axis order when one does, as jnp.einsum
+    orders them (a dot then a transpose of its result ran the SmolLM2 step ~20% slower).
+    """
+    plans = []
+    for swap, (x, y) in enumerate(((a, b), (b, a))):
+        batch = [c for c in x if c in y and c in out]
+        summed = [c for c in x if c in y and c not in out]
+        dims = ((tuple(x.index(c) for c in summed), tuple(y.index(c) for c in summed)),
+                (tuple(x.index(c) for c in batch), tuple(y.index(c) for c in batch)))
+        natural = "".join(batch) + "".join(c for c in x if c not in y) + "".join(c for c in y if c not in x)
+        perm = tuple(natural.index(c) for c in out)
+        plans.append((bool(swap), dims, None if perm == tuple(range(len(perm))) else perm))
+    return plans[1] if plans[0][2] is not None and plans[1][2] is None else plans[0]
 
 
 def _einsum_f32(a_axes: str, b_axes: str, out_axes: str, a: Array, b: Array) -> Array:
-    """einsum(f"{a_axes},{b_axes}->{out_axes}", a, b) accumulated and returned in float32, as one
-    dot_general: the same contraction as jnp.einsum's, at a fraction of its tracing cost (which is
-    paid for every dense layer of an unrolled model, forward and backward)."""
-    dims, perm = _dot_plan(a_axes, b_axes, out_axes)
-    y = lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-    return y if perm is None else lax.transpose(y, perm)
+    """einsum(f"{a_axes},{b_axes}->{out_axes}", a, b) accumulated and returned in float32.
+
+    A contraction whose result needs no transpose in one operand order (every dense layer's
+    forward and backward) is one dot_general, the one jnp.einsum makes, at a fraction of its
+    tracing cost (paid at every dense layer of an unrolled model); the others (attention's) go
+    through jnp.einsum, whose choice of operand order and transpose XLA:CPU runs fastest.
+    """
+    swap, dims, perm = _dot_plan(a_axes, b_axes, out_axes)
+    if perm is not None:
+        return jnp.einsum(f"{a_axes},{b_axes}->{out_axes}", a, b, preferred_element_type=jnp.float32)
+    return lax.dot_general(*((b, a) if swap else (a, b)), dims, preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
