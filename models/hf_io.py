@@ -92,7 +92,11 @@ def _init_adapters(abstract: FlatParams, lora, seed: int, shardings: dict | None
     """The adapters' initial values (layers.init_adapters: no model trace, no per-leaf compile),
     placed on their shardings."""
     adapters = init_adapters({p: leaf for p, leaf in abstract.items() if is_adapter_path(p)}, lora, seed)
-    return {p: jax.device_put(v, None if shardings is None else shardings[p]) for p, v in adapters.items()}
+    return {p: jax.device_put(v, _single_device() if shardings is None else shardings[p]) for p, v in adapters.items()}
+
+
+def _single_device():
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
 def _targets(family: ModelFamily, key_map, abstract: FlatParams) -> dict[tuple[str, ...], list[str]]:
@@ -195,7 +199,10 @@ def load_pretrained(
                     )
                 # On CPU, device_put adopts the reader's fresh aligned buffer without a copy; a
                 # transpose is copied by XLA's blocked transpose (5x numpy's); the cast runs in XLA.
-                sharding = None if shardings is None else shardings[flax_path]
+                # Without a mesh the params are committed to the first device, like everything
+                # computed from them (merged kernels, restored adapters): jit keys its programs on
+                # placement, and a mix recompiled generation for merged weights.
+                sharding = _single_device() if shardings is None else shardings[flax_path]
                 value = jax.device_put(array.T if transpose else array, sharding)
                 del array
                 if value.dtype != leaf.dtype:

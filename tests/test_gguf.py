@@ -219,3 +219,29 @@ def test_a_run_base_can_be_a_gguf_file(tmp_path):
     data[-1] ^= 1  # a changed last weight byte changes the fingerprint
     (tmp_path / "m.gguf").write_bytes(bytes(data))
     assert load_base(cfg, lora=None, with_tokenizer=False).info["fingerprint"] != before
+
+
+def test_merged_task_weights_reuse_the_base_models_generation_program(tmp_path):
+    """Answering runs the base row, then each task's merged weights, through one compiled program:
+    the loaded base is committed to its device like the kernels computed from it, so the merged
+    params do not differ from the base's in placement (jit keys its programs on it)."""
+    import jax
+
+    from cgc_lora_jax.layers import CGCLoRAConfig
+    from cgc_lora_jax.merge import merge_task
+    from cgc_lora_jax.models import generate as gen
+    from cgc_lora_jax.params import join_params, split_params
+
+    write_tiny_gguf(tmp_path / "m.gguf", "llama", Q.F32)
+    lora = CGCLoRAConfig(num_tasks=2, num_common=1, common_rank=2, specific_rank=2, targets=r"(q_proj|v_proj)$")
+    model, params = load_pretrained(tmp_path / "m.gguf", jnp.float32, lora=lora)
+    base, adapters = split_params(params)
+    adapters = jax.device_put(adapters, jax.devices()[0])  # as a restored checkpoint holds them
+    merged = merge_task(join_params(base, adapters), 1, lora)
+    plain = model.clone(lora=None)
+    ids = np.asarray([[5, 6, 7, 8], [9, 10, 11, 12]], np.int32)
+    before = gen._generate._cache_size()
+    outs = [np.asarray(generate(plain, p, ids, np.ones_like(ids), None, max_new_tokens=3, eos_token_id=None,
+                                pad_token_id=0)) for p in (base, merged)]
+    assert gen._generate._cache_size() == before + 1
+    np.testing.assert_array_equal(outs[0], outs[1])  # B starts at zero: the merged model is the base
