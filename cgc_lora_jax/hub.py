@@ -39,6 +39,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cgc_lora_jax.cache import cache_dir
+
 PREFIX = "hub:"  # model.path=hub:NAME names a base of this module
 SOURCES = ("hf", "wheel")
 CHUNK = 1 << 20
@@ -76,10 +78,6 @@ BASES = {
 
 class HubError(RuntimeError):
     pass
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CGC_LORA_JAX_CACHE") or Path.home() / ".cache" / "cgc-lora-jax")
 
 
 def resolve_model_path(path: str) -> Path:

@@ -135,7 +135,7 @@ def _header_file(file: Path) -> Path:
 
 
 def _in_hub_cache(file: Path) -> bool:
-    from cgc_lora_jax.hub import cache_dir
+    from cgc_lora_jax.cache import cache_dir
 
     return file.resolve().is_relative_to(cache_dir().resolve())
 

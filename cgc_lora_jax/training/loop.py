@@ -91,7 +91,7 @@ def enable_compile_cache() -> Path:
     """Keep this process's compiled programs in $CGC_LORA_JAX_CACHE/jax-compile (JAX's persistent
     cache): a later run of the same shapes loads them instead of compiling, which on a small CPU
     is a large part of a short run."""
-    from cgc_lora_jax.hub import cache_dir
+    from cgc_lora_jax.cache import cache_dir
 
     folder = cache_dir() / "jax-compile"
     jax.config.update("jax_compilation_cache_dir", str(folder))
