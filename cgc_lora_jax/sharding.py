@@ -72,3 +72,11 @@ def match_partition_rules(rules: Sequence[tuple[str, P]], params) -> dict:
 
 def named_shardings(mesh: Mesh, specs) -> dict:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def first_device() -> jax.sharding.SingleDeviceSharding:
+    """Where a base loaded without a mesh lives: committed to the first device, like everything
+    computed from it (merged kernels, restored adapters). jit keys its programs on placement, so a
+    mix of uncommitted and committed params would compile generation twice."""
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+

@@ -40,7 +40,7 @@ from flax import traverse_util
 
 from cgc_lora_jax.layers import init_adapters
 from cgc_lora_jax.params import is_adapter_path
-from cgc_lora_jax.sharding import match_partition_rules, named_shardings
+from cgc_lora_jax.sharding import first_device, match_partition_rules, named_shardings
 from cgc_lora_jax.models.family import ModelFamily, check_lora_targets, detect_family, with_default_targets
 from cgc_lora_jax.models.gguf import find_gguf, read_gguf
 from cgc_lora_jax.models.weight_reader import locate_tensors, open_weights
@@ -92,11 +92,7 @@ def _init_adapters(abstract: FlatParams, lora, seed: int, shardings: dict | None
     """The adapters' initial values (layers.init_adapters: no model trace, no per-leaf compile),
     placed on their shardings."""
     adapters = init_adapters({p: leaf for p, leaf in abstract.items() if is_adapter_path(p)}, lora, seed)
-    return {p: jax.device_put(v, _single_device() if shardings is None else shardings[p]) for p, v in adapters.items()}
-
-
-def _single_device():
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return {p: jax.device_put(v, first_device() if shardings is None else shardings[p]) for p, v in adapters.items()}
 
 
 def _targets(family: ModelFamily, key_map, abstract: FlatParams) -> dict[tuple[str, ...], list[str]]:
@@ -199,10 +195,7 @@ def load_pretrained(
                     )
                 # On CPU, device_put adopts the reader's fresh aligned buffer without a copy; a
                 # transpose is copied by XLA's blocked transpose (5x numpy's); the cast runs in XLA.
-                # Without a mesh the params are committed to the first device, like everything
-                # computed from them (merged kernels, restored adapters): jit keys its programs on
-                # placement, and a mix recompiled generation for merged weights.
-                sharding = _single_device() if shardings is None else shardings[flax_path]
+                sharding = first_device() if shardings is None else shardings[flax_path]
                 value = jax.device_put(array.T if transpose else array, sharding)
                 del array
                 if value.dtype != leaf.dtype:

@@ -37,6 +37,14 @@ def test_builtin_base_is_seeded_and_adapters_follow_the_run_seed():
     np.testing.assert_array_equal(with_adapters, plain.model.apply({"params": plain.params}, ids))
 
 
+def test_a_base_loaded_without_a_mesh_is_committed_to_the_first_device():
+    """The built-in base as loaded GGUF / HF bases are (tests/test_gguf.py checks what it is for: the
+    merged task weights reuse the base's generation program)."""
+    base = load_base(DEMO.model, lora=lora_config(DEMO.lora, 3), seed=0)
+    leaves = jax.tree.leaves(base.params)
+    assert leaves and all(leaf.committed and leaf.devices() == {jax.devices()[0]} for leaf in leaves)
+
+
 def test_hf_folder_base_matches_the_reference_logits():
     folder = CHATGLM_FIXTURES / "v1"
     if not (folder / "reference.npz").is_file():

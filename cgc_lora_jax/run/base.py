@@ -29,7 +29,7 @@ from flax import traverse_util
 
 from cgc_lora_jax.layers import CGCLoRAConfig, init_adapters
 from cgc_lora_jax.params import join_params, split_params
-from cgc_lora_jax.sharding import match_partition_rules, named_shardings
+from cgc_lora_jax.sharding import first_device, match_partition_rules, named_shardings
 
 BUILTIN_PREFIX = "builtin:"  # base "path" of a built-in base, e.g. builtin:tiny-chatglm
 BUILTIN_SEED = 0
@@ -144,6 +144,8 @@ def _load_builtin(model_cfg, lora, mesh, workdir, seed) -> BaseModel:
         params = join_params(base, traverse_util.unflatten_dict(init_adapters(traverse_util.flatten_dict(adapters), lora, seed)))
     if mesh is not None:
         params = jax.device_put(params, named_shardings(mesh, match_partition_rules(chatglm.PARTITION_RULES, params)))
+    else:
+        params = jax.device_put(params, first_device())
     fingerprint = hashlib.sha256(json.dumps([hf, BUILTIN_SEED, model_cfg.dtype], sort_keys=True).encode()).hexdigest()
     return BaseModel("chatglm", model, params, tokenizer, {"path": "builtin:tiny-chatglm", "fingerprint": fingerprint})
 
