@@ -58,10 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.0  # AdamW decoupled weight decay on the adapters
     c.train.grad_clip = 1.0  # global gradient norm clip (0: off)
     c.train.seed = 42  # seeds adapter init, data order and dropout
-    c.train.log_every = 10  # steps between log lines / metrics.jsonl records
+    c.train.log_every = 10  # steps between log lines / metrics.jsonl records (0: the last step only)
     c.train.eval_every = 500  # steps between validation losses (0: never)
     c.train.eval_batches = 8  # batches of dev.json per validation
-    c.train.checkpoint_every = 500  # steps between checkpoints
+    c.train.checkpoint_every = 500  # steps between checkpoints (0: the last step and preemption only)
     c.train.keep_checkpoints = 3  # checkpoints kept in the workdir
     c.train.compile_cache = False  # keep compiled steps in $CGC_LORA_JAX_CACHE/jax-compile, so a rerun skips compiling
 

@@ -69,3 +69,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and all(np.isfinite(v) for v in losses(tmp_path).values())
     assert max(steps) == max(losses(tmp_path)), "a checkpoint exists for every finite step, none after"
+
+
+def test_zero_periods_mean_the_last_step_only(tmp_path):
+    train(tiny_config("mesh.data=1", "train.steps=3", "train.log_every=0", "train.checkpoint_every=0"), tmp_path)
+    assert sorted(losses(tmp_path)) == [3]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
+
+
+@pytest.mark.parametrize("override, key", [("train.steps=0", "train.steps"), ("train.log_every=-1", "train.log_every"),
+                                           ("train.checkpoint_every=-5", "train.checkpoint_every")])
+def test_bad_step_counts_are_named_before_anything_is_written(tmp_path, override, key):
+    with pytest.raises(ValueError, match=key):
+        train(tiny_config("mesh.data=1", override), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

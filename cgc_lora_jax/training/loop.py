@@ -99,6 +99,20 @@ def enable_compile_cache() -> Path:
     return folder
 
 
+def _check_counts(train_cfg) -> None:
+    """Step counts a run divides by: a clear error instead of a crash in the middle of the loop."""
+    if train_cfg.steps < 1:
+        raise ValueError(f"train.steps={train_cfg.steps} must be at least 1")
+    for key in ("log_every", "eval_every", "checkpoint_every"):
+        if train_cfg[key] < 0:
+            raise ValueError(f"train.{key}={train_cfg[key]} must be 0 (only at the last step) or a positive step count")
+
+
+def _every(done: int, period: int) -> bool:
+    """Whether step `done` is a multiple of `period`; a period of 0 never is (the last step still counts)."""
+    return period > 0 and done % period == 0
+
+
 def train(cfg, workdir: str | Path) -> dict:
     """Run (or resume) the training job of `cfg` in `workdir`; returns the final figures."""
     from cgc_lora_jax.data.batching import BatchIterator
@@ -110,6 +124,7 @@ def train(cfg, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide by train.grad_accum={cfg.train.grad_accum}")
+    _check_counts(cfg.train)
 
     mesh = make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor})
     if primary:
@@ -199,11 +214,11 @@ def train(cfg, workdir: str | Path) -> dict:
                 absorb(*pending)
             done = step + 1
             pending = (done, metrics, batch.padding_fraction)
-            log_now = done % cfg.train.log_every == 0 or done == cfg.train.steps
+            log_now = _every(done, cfg.train.log_every) or done == cfg.train.steps
             eval_now = data.dev is not None and cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps)
             if preemption.reached(done):
                 preempted = done
-            save_now = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or preempted
+            save_now = _every(done, cfg.train.checkpoint_every) or done == cfg.train.steps or preempted
             if not (log_now or eval_now or save_now):
                 continue
             metrics, pending = absorb(*pending), None  # every loss up to `done` is checked before a save
