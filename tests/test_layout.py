@@ -17,7 +17,7 @@ STAGES = [  # (stage, module prefixes); a module belongs to the longest prefix t
     ("core", ("cgc_lora_jax", "cgc_lora_jax._checkout", "cgc_lora_jax.layers", "cgc_lora_jax.merge",
               "cgc_lora_jax.params", "cgc_lora_jax.precision", "cgc_lora_jax.sharding", "cgc_lora_jax.loss",
               "cgc_lora_jax.target_loss",
-              "cgc_lora_jax.baselines", "cgc_lora_jax.cache", "cgc_lora_jax.config",
+              "cgc_lora_jax.baselines", "cgc_lora_jax.cache", "cgc_lora_jax.config", "cgc_lora_jax.host_memory",
               "cgc_lora_jax.configs", "cgc_lora_jax.scoring")),
     ("data", ("cgc_lora_jax.data",)),
     ("models", ("cgc_lora_jax.models",)),

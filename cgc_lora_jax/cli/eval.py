@@ -18,6 +18,8 @@
 import argparse
 import sys
 
+from cgc_lora_jax.host_memory import reuse_freed_memory
+
 COMMANDS = ("score", "compare", "lorahub", "icl")
 
 
@@ -111,6 +113,7 @@ def run_icl_command(argv) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
+    reuse_freed_memory()  # before jax starts its backend (cgc_lora_jax/host_memory.py)
     handlers = {None: run_eval, "score": run_score, "compare": run_compare, "lorahub": run_lorahub_command,
                 "icl": run_icl_command}
     from cgc_lora_jax.data.records import DataError

@@ -10,6 +10,7 @@ import os
 import sys
 
 from cgc_lora_jax.config import available_configs, parse_args_with_config
+from cgc_lora_jax.host_memory import reuse_freed_memory
 
 
 # XLA:CPU's default schedule favours concurrency: it runs the frozen weights' conversions for the
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     args, cfg = parse_args_with_config(parser, argv)
     workdir = args.workdir or f"runs/{args.config}"
     os.environ["XLA_FLAGS"] = xla_flags_for(cfg, os.environ.get("XLA_FLAGS", ""))  # before jax starts its backend
+    reuse_freed_memory()  # likewise: XLA:CPU's per-step buffers stop faulting in fresh pages
 
     from cgc_lora_jax.data.records import DataError
     from cgc_lora_jax.run import BaseMismatchError

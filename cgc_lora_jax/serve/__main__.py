@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from cgc_lora_jax.host_memory import reuse_freed_memory
 from cgc_lora_jax.serve.engine import Engine, EngineConfig
 
 
@@ -47,6 +48,7 @@ def main(argv=None) -> int:
     from cgc_lora_jax.serve.app import create_app
 
     args = parse_args(argv)
+    reuse_freed_memory()  # before jax starts its backend (cgc_lora_jax/host_memory.py)
     # Our own handler: an imported library may have configured the root logger already.
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
