@@ -12,6 +12,14 @@ Parts (the table rows; the JSON line printed last holds every figure, null where
            q_proj|v_proj: our jit step vs HF PEFT (LoraConfig r=8) on the same weights in PyTorch on
            this CPU (AdamW, clipping, torch threads = --torch-threads). Both see the same batch and
            must report the same initial loss. ours_over_peft = our step time / PEFT's (< 1: faster).
+  host-memory  (--parts host-memory) the step of configs/med8.py's shapes (SmolLM2-135M, random
+           weights, CGC-LoRA N_c = 4 x rank 2 + rank 1 per task on every block linear, 8 x (256 +
+           64) tokens, float32) in two child processes, one with glibc's defaults and one after
+           cgc_lora_jax.host_memory.reuse_freed_memory(): step time, kernel (sys) time and minor
+           page faults per step, medians after the first step; `host_memory_speedup` = plain / reused.
+           XLA:CPU allocates the step's 6.5 GB of temporaries per call; by default glibc maps and
+           unmaps them every step. Every other part runs after reuse_freed_memory(), as the entry
+           points do (torch's PEFT steps alike), unless --plain-malloc.
   glm6b    (--glm6b) one CGC-LoRA step of a ChatGLM-6B-shaped model (width 4096, 28 blocks, 32 heads,
            MLP 16384, vocab 130528) with random bf16 weights, remat, 1 x 256 tokens, in a child
            process whose peak RSS (GiB, 2^30 bytes) is read after it exits. The base is generated leaf by leaf
@@ -32,6 +40,7 @@ hits all alike; the ratios are what matters.
     python bench/train_step.py --glm6b           # + the 6B step: needs ~20 GB of free RAM
     python bench/train_step.py --glm6b --skip-small
     python bench/train_step.py --gpu --peak-flops 989e12   # on an H100 SXM
+    python bench/train_step.py --parts host-memory           # ~4 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import subprocess
 import sys
 import time
 import types
@@ -55,6 +66,7 @@ import numpy as np  # noqa: E402
 
 from bench._common import interleaved_medians, matmul_calls, run_child_peak_rss  # noqa: E402
 from cgc_lora_jax.cli.train import LOW_MEMORY_CPU_SCHEDULE  # noqa: E402
+from cgc_lora_jax.host_memory import reuse_freed_memory  # noqa: E402
 from cgc_lora_jax.layers import CGCLoRAConfig, init_adapters as draw_adapters  # noqa: E402
 from cgc_lora_jax.params import count_parameters, split_params  # noqa: E402
 from cgc_lora_jax.loss import IGNORE, token_losses  # noqa: E402
@@ -363,8 +375,6 @@ def bench_real(args) -> dict:
 
 def real_rss_run(batch_size: int, source: int, target: int, steps: int, remat: bool) -> dict:
     """CGC-LoRA steps of the SmolLM2-135M-shaped model in bf16 (random base, no torch imported)."""
-    import resource
-
     from bench._smollm2 import SMOLLM2_135M
 
     cfg = llama.LlamaConfig.from_hf(SMOLLM2_135M)
@@ -382,6 +392,49 @@ def real_rss_run(batch_size: int, source: int, target: int, steps: int, remat: b
     return {"step_s": float(np.median(times[1:] if len(times) > 1 else times)),
             "losses": [float(x) for x in holder["losses"]],
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # KiB on Linux
+
+
+def host_memory_run(steps: int) -> dict:
+    """med8's step shapes (float32, every block linear adapted): per step time, sys time, faults."""
+    from bench._smollm2 import SMOLLM2_135M
+
+    cfg = llama.LlamaConfig.from_hf(SMOLLM2_135M)
+    lora = CGCLoRAConfig(8, num_common=4, common_rank=2, specific_rank=1, gate="shared")
+    model = llama.build(cfg, lora=lora)
+    _, _, batch = real_batch(cfg, 8, 256, 64, num_tasks=8)
+    abstract = jax.eval_shape(lambda k: model.init(k, batch["input_ids"], None, batch["task_ids"])["params"],
+                              jax.random.key(0))
+    call, holder = train_call(model, random_base(split_params(abstract)[0]), init_adapters(model, batch), batch, 8)
+    rows = []
+    for _ in range(steps):
+        before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        jax.block_until_ready(call())
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        rows.append({"step_s": time.perf_counter() - start, "sys_s": after.ru_stime - before.ru_stime,
+                     "faults": after.ru_minflt - before.ru_minflt})
+    return {"rows": rows, "losses": [float(x) for x in holder["losses"]]}
+
+
+def bench_host_memory(args) -> dict:
+    """The med8-shaped step with glibc's default malloc settings vs reuse_freed_memory, each in a
+    child process (the setting is per process and must precede JAX's backend)."""
+    out = {}
+    for mode in ("plain", "reuse"):
+        cmd = [sys.executable, __file__, "--host-memory-child", mode, "--host-memory-steps", str(args.host_memory_steps)]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the host-memory child ({mode}) failed with exit code {proc.returncode}")
+        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    if out["plain"]["losses"] != out["reuse"]["losses"]:
+        raise AssertionError(f"the two children's losses differ: {out}")
+    med = {mode: {k: float(np.median([row[k] for row in r["rows"][1:]])) for k in ("step_s", "sys_s", "faults")}
+           for mode, r in out.items()}
+    print(f"\n[host-memory] med8 step shapes (SmolLM2-135M, random weights, float32, CGC-LoRA on every block "
+          f"linear, 8 x (256 + 64) tokens), medians of steps 2-{args.host_memory_steps}")
+    print(f"{'malloc':<8} {'step s':>8} {'sys s':>7} {'faults':>10}")
+    for mode, m in med.items():
+        print(f"{mode:<8} {m['step_s']:8.2f} {m['sys_s']:7.2f} {m['faults']:10.0f}")
+    return {"host_memory_speedup": med["plain"]["step_s"] / med["reuse"]["step_s"], "host_memory": med}
 
 
 def real_peak_rss(args) -> dict:
@@ -530,7 +583,7 @@ def main():
     parser.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads for PEFT")
     parser.add_argument("--parts", default="chatglm,llama,real",
                         help="comma-separated parts to run: chatglm, llama, real (SmolLM2-135M shapes), "
-                             "real-rss (only the real part's peak-RSS children)")
+                             "real-rss (only the real part's peak-RSS children), host-memory")
     parser.add_argument("--skip-small", action="store_true", help="skip the chatglm, llama and real parts")
     parser.add_argument("--real-seq", type=int, default=256, help="tokens per sequence (real), loss on the 2nd half")
     parser.add_argument("--real-rounds", type=int, default=3, help="timed rounds per variant (real)")
@@ -542,6 +595,10 @@ def main():
     parser.add_argument("--real-rss-target", type=int, default=64, help="target tokens per row of the RSS step")
     parser.add_argument("--real-rss-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--real-rss-remat", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--host-memory-steps", type=int, default=4, help="steps per child (host-memory)")
+    parser.add_argument("--host-memory-child", choices=("plain", "reuse"), help=argparse.SUPPRESS)
+    parser.add_argument("--plain-malloc", action="store_true",
+                        help="run the parts with glibc's default malloc settings (no reuse_freed_memory)")
     parser.add_argument("--glm6b", action="store_true", help="also run the ChatGLM-6B-shaped step (~20 GB RAM)")
     parser.add_argument("--force", action="store_true", help="run --glm6b even with < 20 GiB available")
     parser.add_argument("--glm6b-batch", type=int, default=1, help="sequences per 6B step")
@@ -555,6 +612,13 @@ def main():
     parser.add_argument("--gpu-steps", type=int, default=6, help="GPU steps; the median after the first is reported")
     parser.add_argument("--peak-flops", type=float, default=989e12, help="peak bf16 FLOP/s (H100 SXM dense: 989e12)")
     args = parser.parse_args()
+    if args.host_memory_child:
+        if args.host_memory_child == "reuse":
+            reuse_freed_memory()
+        print(json.dumps(host_memory_run(args.host_memory_steps)))
+        return
+    if not args.plain_malloc:
+        reuse_freed_memory()  # as the entry points do; before the backend starts
     if args.real_rss_child:
         print(json.dumps(real_rss_run(args.real_rss_batch, args.real_rss_source, args.real_rss_target, steps=2,
                                       remat=args.real_rss_remat)))
@@ -564,7 +628,7 @@ def main():
         return
 
     figures = dict.fromkeys(("real_ours_over_peft_f32", "real_ours_over_peft_bf16", "real_bf16_over_f32",
-                             "real_step_peak_rss_gb", "cgc_over_lora", "cgc_over_floor", "lora_over_floor", "ours_over_peft",
+                             "real_step_peak_rss_gb", "host_memory_speedup", "cgc_over_lora", "cgc_over_floor", "lora_over_floor", "ours_over_peft",
                              "glm6b_step_s", "glm6b_peak_rss_gb", "gpu_tokens_per_s", "gpu_mfu"))
     if args.gpu:
         figures.update(bench_gpu(args))
@@ -572,8 +636,11 @@ def main():
         if args.glm6b:  # first, so that the children's peak RSS is this child's
             figures.update(bench_glm6b(args))
         parts = set() if args.skip_small else set(args.parts.split(","))
-        if parts - {"chatglm", "llama", "real", "real-rss"}:
-            parser.error(f"--parts {args.parts}: unknown {sorted(parts - {'chatglm', 'llama', 'real', 'real-rss'})}")
+        known = {"chatglm", "llama", "real", "real-rss", "host-memory"}
+        if parts - known:
+            parser.error(f"--parts {args.parts}: unknown {sorted(parts - known)}")
+        if "host-memory" in parts:
+            figures.update(bench_host_memory(args))
         if "real" in parts:
             figures.update(bench_real(args))
         elif "real-rss" in parts:  # the real part's peak-RSS children alone
