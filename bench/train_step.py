@@ -448,6 +448,8 @@ def real_peak_rss(args) -> dict:
     for remat in (False, True):
         cmd = [sys.executable, __file__, "--real-rss-child", "--real-rss-batch", str(args.real_rss_batch),
                "--real-rss-source", str(src), "--real-rss-target", str(tgt)] + (["--real-rss-remat"] if remat else [])
+        if remat or args.plain_malloc:  # as train.py: remat keeps glibc's defaults (cgc_lora_jax/host_memory.py)
+            cmd.append("--plain-malloc")
         env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {LOW_MEMORY_CPU_SCHEDULE}".strip()}
         rc, out, _ = run_child_peak_rss(cmd, env if remat else None)
         if rc != 0:

@@ -30,6 +30,15 @@ def xla_flags_for(cfg, flags: str) -> str:
     return f"{flags} {LOW_MEMORY_CPU_SCHEDULE}".strip()
 
 
+def prepare_process(cfg) -> None:
+    """What must precede JAX's backend: XLA_FLAGS (xla_flags_for) and, unless model.remat asks for
+    the least memory, reusing freed host memory (cgc_lora_jax/host_memory.py: XLA:CPU's per-step
+    buffers stop faulting in fresh pages; with remat glibc keeps returning freed blocks)."""
+    os.environ["XLA_FLAGS"] = xla_flags_for(cfg, os.environ.get("XLA_FLAGS", ""))
+    if not cfg.model.remat:
+        reuse_freed_memory()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help=f"config name: {', '.join(available_configs())}")
@@ -38,8 +47,7 @@ def main(argv=None) -> int:
                         help="skip the evaluation that follows training when the config's eval.after_training is set")
     args, cfg = parse_args_with_config(parser, argv)
     workdir = args.workdir or f"runs/{args.config}"
-    os.environ["XLA_FLAGS"] = xla_flags_for(cfg, os.environ.get("XLA_FLAGS", ""))  # before jax starts its backend
-    reuse_freed_memory()  # likewise: XLA:CPU's per-step buffers stop faulting in fresh pages
+    prepare_process(cfg)
 
     from cgc_lora_jax.data.records import DataError
     from cgc_lora_jax.run import BaseMismatchError
