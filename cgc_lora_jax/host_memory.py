@@ -8,9 +8,10 @@ step faults 1.6 million zeroed pages back in: 7-8 s of kernel time per step on 2
 the step's wall time (bench/train_step.py --parts host-memory). `reuse_freed_memory()` makes every
 thread allocate from the main heap (one arena), without mmap, and never trims the heap: the
 second step reuses the first step's pages. The cost: the process keeps its peak heap until it
-exits, and freed holes that small allocations split stay resident: the 16 x 320 bf16 step's peak
-RSS went 8.18 -> 6.84 GiB without remat but 1.77 -> 2.51 GiB with remat and XLA's low-memory
-schedule, so train.py leaves glibc's defaults alone when model.remat asks for the least memory.
+exits, and freed holes that small allocations split stay resident: with remat and XLA's
+low-memory schedule the 16 x 320 bf16 step peaked at 2.51 GiB under reuse (1.77 GiB with glibc's
+defaults, measured on another machine), so train.py leaves glibc's defaults alone when
+model.remat asks for the least memory. Without remat it peaked at 6.84 GiB (8.18 there).
 
 Call it before JAX starts its CPU backend (before the first computation or `jax.devices()`): the
 worker threads pick their arena when they first allocate. The command-line entry points call it;
