@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cgc_lora_jax.baselines import TITLES, with_baseline  # noqa: E402
 from cgc_lora_jax.config import load_config  # noqa: E402
 from cgc_lora_jax.evaluation.report import plot_comparison, read_scores  # noqa: E402
-from cgc_lora_jax.host_memory import reuse_freed_memory  # noqa: E402
+from cgc_lora_jax.cli.train import prepare_process  # noqa: E402
 
 ROWS = ("icl", "lora_full", "lora_single", "lorahub", "moelora", "cgc_lora", "no_gate", "per_layer_gates")
 ROW_NAMES = {"icl": "In-context", "lorahub": "LoRAHub", **TITLES}
@@ -198,7 +198,6 @@ def seed_list(text: str) -> list[int]:
 
 
 def main(argv=None) -> None:
-    reuse_freed_memory()  # before jax starts its backend: training steps reuse their pages
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="med8", help="the CGC-LoRA config every row starts from")
     parser.add_argument("--out", required=True, help="table folder (finished row/seed folders are skipped)")
@@ -237,6 +236,7 @@ def main(argv=None) -> None:
             row_config(row, args.config, overrides_of(row, args))  # a row that cannot be made fails now
     except ValueError as e:
         parser.error(f"config {args.config!r}: {e}")
+    prepare_process(load_config(args.config, args.override))  # as train.py, before jax starts its backend
     out = Path(args.out)
     seconds, began = {}, time.perf_counter()
     for row, seed in run_order(rows, args):

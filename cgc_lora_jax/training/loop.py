@@ -215,7 +215,7 @@ def train(cfg, workdir: str | Path) -> dict:
             done = step + 1
             pending = (done, metrics, batch.padding_fraction)
             log_now = _every(done, cfg.train.log_every) or done == cfg.train.steps
-            eval_now = data.dev is not None and cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps)
+            eval_now = data.dev is not None and cfg.train.eval_every > 0 and (_every(done, cfg.train.eval_every) or done == cfg.train.steps)
             if preemption.reached(done):
                 preempted = done
             save_now = _every(done, cfg.train.checkpoint_every) or done == cfg.train.steps or preempted
