@@ -31,6 +31,9 @@ dropout); the in-context row draws its examples with seed k.
 (the rows whose difference the paper claims), min(K, --other-seeds) for the rest. Runs go seed by
 seed (every row's seed 0, then seed 1, ...), so a table cut short is still whole for the seeds it
 has; --minutes M starts no new row/seed after M minutes and summarises what finished.
+--dev-only trains and scores dev and skips the test predictions (the slow part of a row on a CPU:
+721 med8 prompts); the same command without it later predicts test for those folders without
+training again (done.json lists the splits a folder has answered).
 --only-seeds K,K runs those seeds alone, so that processes or machines can share a table (on one
 GPU, run them one after another: processes sharing a GPU without CUDA's multi-process service
 time-slice it, and six at once ran at about 1/40 of one's speed each). --override KEY=VALUE
@@ -66,6 +69,7 @@ ROW_NAMES = {"icl": "In-context", "lorahub": "LoRAHub", **TITLES}
 QUICK_ROWS = ("icl", "lora_full", "cgc_lora")
 MULTI_SEED_ROWS = ("cgc_lora", "lora_full")
 DONE = "done.json"
+SPLITS = ("dev", "test")
 
 
 def row_config(row: str, config: str, overrides: list[str]):
@@ -74,16 +78,18 @@ def row_config(row: str, config: str, overrides: list[str]):
     return with_baseline(load_config(config, overrides), "lora_single" if row == "lorahub" else row)
 
 
-def answer_dev_and_test(workdir: Path) -> None:
+def answer_splits(workdir: Path, splits: tuple[str, ...] = SPLITS) -> None:
     """Merged-per-task answers of a trained run: dev scored, test (every record) predicted."""
     from cgc_lora_jax.evaluation.evaluate import benchmark_of, load_run, merged_answers, split_file, write_results
 
     run = load_run(workdir, "dev")
-    write_results(workdir, "dev", run.records, merged_answers(run), benchmark_of(run.cfg.data), workdir.parent.name,
-                  split_file(run.cfg.data, workdir, "dev"))
-    test = test_view(run)
-    write_results(workdir, "test", test.records, merged_answers(test), benchmark_of(run.cfg.data), workdir.parent.name,
-                  split_file(run.cfg.data, workdir, "test"))
+    if "dev" in splits:
+        write_results(workdir, "dev", run.records, merged_answers(run), benchmark_of(run.cfg.data),
+                      workdir.parent.name, split_file(run.cfg.data, workdir, "dev"))
+    if "test" in splits:
+        test = test_view(run)
+        write_results(workdir, "test", test.records, merged_answers(test), benchmark_of(run.cfg.data),
+                      workdir.parent.name, split_file(run.cfg.data, workdir, "test"))
 
 
 def uncapped(cfg):
@@ -104,7 +110,9 @@ def test_view(run):
                                prompts=encode(run.cfg.data, records, run.base, run.vocab, for_prediction=True))
 
 
-def run_row(row: str, seed: int, folder: Path, args) -> None:
+def run_row(row: str, seed: int, folder: Path, args, splits: tuple[str, ...] = SPLITS) -> None:
+    """Train (or prompt) one row/seed and answer `splits`; without "dev", the row was trained and
+    scored on dev before (--dev-only) and only its test predictions are made now."""
     from cgc_lora_jax.evaluation.icl import run_icl
     from cgc_lora_jax.evaluation.lorahub import run_lorahub
     from cgc_lora_jax.training.loop import train
@@ -115,24 +123,32 @@ def run_row(row: str, seed: int, folder: Path, args) -> None:
         cfg = load_config(args.config, common)
         with cfg.unlocked():
             cfg.data.max_source_len *= 2
-        run_icl(cfg, folder, shots=args.icl_shots, seed=seed, split="dev")
-        run_icl(uncapped(cfg), folder, shots=args.icl_shots, seed=seed, split="test")
+        for split in splits:
+            run_icl(cfg if split == "dev" else uncapped(cfg), folder, shots=args.icl_shots, seed=seed, split=split)
         return
     if row == "lorahub":
         source = folder.parents[1] / "lora_single" / f"seed{seed}"
         if not (source / DONE).is_file():
             raise SystemExit(f"the lorahub row needs {source} (the lora_single row of seed {seed}) first")
-        run_lorahub(source, folder, shots=args.hub_shots, budget=args.hub_budget, split="dev", seed=seed)
-        run_lorahub(source, folder, shots=args.hub_shots, budget=args.hub_budget, split="test", seed=seed,
-                    every_record=True)
+        for split in splits:
+            run_lorahub(source, folder, shots=args.hub_shots, budget=args.hub_budget, split=split, seed=seed,
+                        every_record=split == "test")
         return
-    if train(row_config(row, args.config, common), folder).get("preempted"):
+    if "dev" in splits and train(row_config(row, args.config, common), folder).get("preempted"):
         from cgc_lora_jax.training.preemption import EXIT_STATUS
 
         print(f"{row}/seed{seed}: stopped by SIGTERM, its checkpoint saved in {folder}/checkpoints; the same "
               "command resumes it", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_STATUS)
-    answer_dev_and_test(folder)
+    answer_splits(folder, splits)
+
+
+def finished_splits(folder: Path) -> tuple[str, ...]:
+    """The splits a row/seed folder has answered: its done.json's "splits" (both for a done.json
+    written before --dev-only existed), none without one."""
+    if not (folder / DONE).is_file():
+        return ()
+    return tuple(json.loads((folder / DONE).read_text() or "{}").get("splits", SPLITS))
 
 
 def overrides_of(row: str, args) -> list[str]:
@@ -211,6 +227,9 @@ def main(argv=None) -> None:
     parser.add_argument("--icl-shots", type=int, default=2, help="in-context examples per prompt")
     parser.add_argument("--hub-shots", type=int, default=5, help="LoRAHub few-shot examples per task")
     parser.add_argument("--hub-budget", type=int, default=40, help="LoRAHub gradient-free evaluations per task")
+    parser.add_argument("--dev-only", action="store_true",
+                        help="train and score on dev, skip the test predictions (the same command without "
+                             "--dev-only later predicts test for those folders without training again)")
     parser.add_argument("--minutes", type=float, default=None,
                         help="start no new row/seed after this many minutes; the table shows what finished")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
@@ -239,20 +258,25 @@ def main(argv=None) -> None:
     prepare_process(load_config(args.config, args.override))  # as train.py, before jax starts its backend
     out = Path(args.out)
     seconds, began = {}, time.perf_counter()
+    wanted = ("dev",) if args.dev_only else SPLITS
     for row, seed in run_order(rows, args):
         folder = out / row / f"seed{seed}"
-        if (folder / DONE).is_file():
+        done = finished_splits(folder)
+        todo = tuple(split for split in wanted if split not in done)
+        if not todo:
             print(f"{row}/seed{seed}: done, skipped", flush=True)
             continue
         if args.minutes is not None and time.perf_counter() - began >= 60 * args.minutes:
             print(f"{row}/seed{seed}: not started, --minutes {args.minutes:g} spent", flush=True)
             continue
         start = time.perf_counter()
-        run_row(row, seed, folder, args)
+        run_row(row, seed, folder, args, todo)
         took = round(time.perf_counter() - start, 1)
-        (folder / DONE).write_text(json.dumps({"row": row, "seed": seed, "seconds": took}) + "\n")
+        before = json.loads((folder / DONE).read_text() or "{}").get("seconds", 0) if done else 0
+        (folder / DONE).write_text(json.dumps({"row": row, "seed": seed, "seconds": round(before + took, 1),
+                                               "splits": [s for s in SPLITS if s in done or s in todo]}) + "\n")
         seconds[f"{row}/seed{seed}"] = took
-        print(f"{ROW_NAMES[row]} seed {seed}: {took} s", flush=True)
+        print(f"{ROW_NAMES[row]} seed {seed} ({', '.join(todo)}): {took} s", flush=True)
 
     table = summarise(out, rows, args)
     if not table:

@@ -77,7 +77,7 @@ def test_finished_folders_are_skipped_and_summarised(tmp_path, capsys):
 def test_runs_go_seed_by_seed_and_stop_starting_when_the_minutes_are_spent(tmp_path, capsys, monkeypatch):
     started = []
 
-    def fake_run(row, seed, folder, args):
+    def fake_run(row, seed, folder, args, splits):
         started.append((row, seed))
         folder.mkdir(parents=True)
         (folder / "scores_dev.json").write_text(json.dumps({"KUAKE-QIC": 0.5, "average": 0.5}))
@@ -104,7 +104,7 @@ def test_only_seeds_runs_those_seeds_and_the_table_shows_every_finished_one(tmp_
     """Two processes share one table folder: one runs seed 1 alone, the other seeds 0 and 2."""
     started = []
 
-    def fake_run(row, seed, folder, args):
+    def fake_run(row, seed, folder, args, splits):
         started.append((row, seed))
         folder.mkdir(parents=True)
         (folder / "scores_dev.json").write_text(json.dumps({"KUAKE-QIC": seed / 10, "average": seed / 10}))
@@ -133,11 +133,11 @@ def test_row_overrides_reach_their_row_alone(tmp_path, monkeypatch, capsys):
         folder.mkdir(parents=True)
         return {"step": cfg.train.steps}
 
-    def fake_answer(folder):
+    def fake_answer(folder, splits):
         (folder / "scores_dev.json").write_text(json.dumps({"KUAKE-QIC": 0.5, "average": 0.5}))
 
     monkeypatch.setattr(loop, "train", fake_train)
-    monkeypatch.setattr(paper_table, "answer_dev_and_test", fake_answer)
+    monkeypatch.setattr(paper_table, "answer_splits", fake_answer)
     seed = load_config("med8").train.seed
     paper_table.main(["--config", "med8", "--out", str(tmp_path), "--rows", "lora_full,cgc_lora,moelora", "--seeds", "1",
                       "--override", "train.steps=7", "--row-override", "cgc_lora:train.lr=0.003",
@@ -157,10 +157,50 @@ def test_a_preempted_training_run_stops_the_table_cleanly(tmp_path, monkeypatch)
     import cgc_lora_jax.training.loop as loop
 
     monkeypatch.setattr(loop, "train", lambda cfg, folder: {"step": 3, "preempted": True})
-    monkeypatch.setattr(paper_table, "answer_dev_and_test", lambda folder: pytest.fail("answered a preempted run"))
+    monkeypatch.setattr(paper_table, "answer_splits", lambda folder, splits: pytest.fail("answered a preempted run"))
     with pytest.raises(SystemExit) as stop:
         paper_table.main(["--config", "med8", "--out", str(tmp_path), "--rows", "cgc_lora", "--seeds", "1"])
     assert stop.value.code == 143 and not (tmp_path / "cgc_lora" / "seed0" / paper_table.DONE).exists()
+
+
+def test_dev_only_skips_test_and_a_later_run_predicts_test_without_training_again(tmp_path, monkeypatch, capsys):
+    """--dev-only trains and scores dev; the same command without it later answers test alone for
+    those folders (no second training), and a done.json from before --dev-only counts as both."""
+    import cgc_lora_jax.training.loop as loop
+
+    trained, answered = [], []
+
+    def fake_train(cfg, folder):
+        trained.append(folder.parent.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        return {"step": cfg.train.steps}
+
+    def fake_answer(folder, splits):
+        answered.append((folder.parent.name, splits))
+        if "dev" in splits:
+            (folder / "scores_dev.json").write_text(json.dumps({"KUAKE-QIC": 0.5, "average": 0.5}))
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    monkeypatch.setattr(paper_table, "answer_splits", fake_answer)
+    old = tmp_path / "moelora" / "seed0"
+    old.mkdir(parents=True)
+    (old / "scores_dev.json").write_text(json.dumps({"KUAKE-QIC": 0.1, "average": 0.1}))
+    (old / paper_table.DONE).write_text(json.dumps({"row": "moelora", "seed": 0, "seconds": 5.0}))
+    args = ["--config", "med8", "--out", str(tmp_path), "--rows", "lora_full,cgc_lora,moelora", "--seeds", "1"]
+    paper_table.main([*args, "--dev-only"])
+    assert trained == ["lora_full", "cgc_lora"]
+    assert answered == [("lora_full", ("dev",)), ("cgc_lora", ("dev",))]
+    done = json.loads((tmp_path / "cgc_lora" / "seed0" / paper_table.DONE).read_text())
+    assert done["splits"] == ["dev"]
+    paper_table.main(args)
+    assert trained == ["lora_full", "cgc_lora"]  # not trained again
+    assert answered[2:] == [("lora_full", ("test",)), ("cgc_lora", ("test",))]
+    after = json.loads((tmp_path / "cgc_lora" / "seed0" / paper_table.DONE).read_text())
+    assert after["splits"] == ["dev", "test"] and after["seconds"] >= done["seconds"]
+    out = capsys.readouterr().out
+    assert out.count("moelora/seed0: done, skipped") == 2
+    paper_table.main(args)
+    assert len(answered) == 4 and "cgc_lora/seed0: done, skipped" in capsys.readouterr().out
 
 
 @pytest.mark.slow
