@@ -140,9 +140,11 @@ def test_state_from_other_data_is_refused():
         BatchIterator(split, batch_size=4, seed=11, state={**state, "step": 99})
 
 
-def test_a_short_last_prompt_batch_is_fitted_to_a_power_of_two():
-    assert [fitted_rows(n, 64) for n in (1, 8, 9, 20, 32, 33, 63, 64, 100)] == [8, 8, 16, 32, 32, 64, 64, 64, 64]
-    assert fitted_rows(3, 6) == 6 and fitted_rows(5, 64, min_rows=1) == 8 and fitted_rows(1, 64, min_rows=1) == 1
+def test_a_short_last_prompt_batch_is_fitted_to_the_bucket_ladder():
+    assert ([fitted_rows(n, 64) for n in (1, 8, 9, 12, 13, 20, 24, 25, 32, 33, 36, 48, 49, 63, 64, 100)]
+            == [8, 8, 12, 12, 16, 24, 24, 32, 32, 48, 48, 48, 64, 64, 64, 64])
+    assert fitted_rows(3, 6) == 6 and fitted_rows(5, 64, min_rows=1) == 6 and fitted_rows(1, 64, min_rows=1) == 1
+    assert fitted_rows(40, 48) == 48 and fitted_rows(100, 48) == 48
     split = make_split(list(range(3, 93)))  # 90 prompts, as a task of the med8 test split
     split = EncodedSplit(split.input_ids, None, split.task_ids, split.sample_ids, PAD, Counter())
     fixed = list(prompt_batches(split, 64, pad_multiple=16))

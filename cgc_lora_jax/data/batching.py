@@ -128,19 +128,22 @@ def make_batch(split: EncodedSplit, indices: np.ndarray, *, pad_multiple: int = 
 
 
 def fitted_rows(count: int, batch_size: int, min_rows: int = 8) -> int:
-    """Rows of a batch that holds `count` prompts: batch_size, or for fewer prompts the next power
-    of two >= count (at least min_rows), so a short last batch computes fewer filler rows while
-    the compiled shapes stay few (min_rows, 2 * min_rows, ..., batch_size)."""
+    """Rows of a batch that holds `count` prompts: batch_size, or for fewer prompts the smallest
+    2^k or 3 * 2^(k-1) >= count (at least min_rows; the ladder of generate's prompt buckets), so a
+    short last batch computes few filler rows while the compiled shapes stay few (8, 12, 16, 24,
+    32, 48, ..., batch_size): 20 prompts decode as 24 rows, 36 as 48."""
     if count >= batch_size:
         return batch_size
-    return min(batch_size, max(min_rows, 1 << max(count - 1, 0).bit_length()))
+    power = 1 << max(count - 1, 0).bit_length()  # the next power of two >= count
+    rows = 3 * power // 4 if 3 * power // 4 >= count else power
+    return min(batch_size, max(min_rows, rows))
 
 
 def prompt_batches(split: EncodedSplit, batch_size: int, *, pad_multiple: int = 64,
                    max_length: int | None = None, rows=None, fit_last: bool = False) -> Iterator[Batch]:
     """Left-padded generation batches of `rows` (default: every sample) in order; the last is
     completed with filler rows (sample_index -1) to batch_size rows, or with fit_last to
-    `fitted_rows` (20 prompts in batches of 64: one batch of 32 rows, not 64)."""
+    `fitted_rows` (20 prompts in batches of 64: one batch of 24 rows, not 64)."""
     rows = np.arange(len(split)) if rows is None else np.asarray(rows, np.int64)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]

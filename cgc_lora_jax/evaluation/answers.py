@@ -3,9 +3,9 @@
     prompts  (EncodedSplit of generation prompts: encode_split(..., for_prediction=True), which
               truncates each prompt to max_source_len - 1 ids, or `prompts_from_texts`)
       -> batches of `rows`, left-padded (batching.prompt_batches): batch_size rows, the last
-         one fitted to the next power of two >= its prompts (at least 8 rows; filler rows -1
-         complete it), so few batch shapes are compiled and a task's 20 prompts decode as 32
-         rows, not 64
+         one fitted to the smallest 2^k or 3 * 2^(k-1) >= its prompts (at least 8 rows; filler
+         rows -1 complete it), so few batch shapes are compiled and a task's 20 prompts decode
+         as 24 rows, not 64
       -> models.generate.generate (jit KV-cache decoding; greedy unless `sampling` says otherwise)
       -> each row's new ids cut at the first stop id (eos, and pad when decoding to text)
       -> tokenizer.decode(...).strip(), or the ids themselves when `tokenizer` is None
