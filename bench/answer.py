@@ -4,15 +4,17 @@ to its prompts or filled to the full batch size with filler rows.
 Merged evaluation answers each task alone (its experts folded into the base), so a task's last
 batch is often short: med8's dev split has 20 prompts a task, answered in batches of 64. Filled,
 each task decodes 64 rows for 20 prompts; fitted (the default since this bench was written), it
-decodes 32. Both variants answer the same prompts with generate_answers on SmolLM2-135M shapes
+decodes 24 (batching.fitted_rows: the smallest 2^k or 3 * 2^(k-1) >= the prompts, at least 8;
+32 until 2026-12-05, powers of two). Both variants answer the same prompts with generate_answers on SmolLM2-135M shapes
 (random weights, bench/_smollm2.py), every decode to the full --new tokens (no eos), in
 interleaved rounds after a warm-up round that compiles each shape; the answers of the real rows
 must be the same ids.
 
     python bench/answer.py [--groups 20,10] [--batch 64] [--prompt 120] [--new 16] [--dtype float32] [--rounds 2]
+                           [--plain-malloc]
 
 Prints the table, then one JSON line: answer_seconds per variant, answer_fitted_speedup, and
-rows_decoded per variant.
+rows_decoded per variant. Runs after reuse_freed_memory(), as eval.py does, unless --plain-malloc.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from cgc_lora_jax.data import batching  # noqa: E402
 from cgc_lora_jax.data.formatting import EncodedSplit  # noqa: E402
 from cgc_lora_jax.evaluation import answers as answers_module  # noqa: E402
 from cgc_lora_jax.evaluation.answers import GenerationSettings, generate_answers  # noqa: E402
+from cgc_lora_jax.host_memory import reuse_freed_memory  # noqa: E402
 from cgc_lora_jax.models.llama import LlamaForCausalLM  # noqa: E402
 
 
@@ -51,7 +54,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--new", type=int, default=16, help="new tokens per prompt")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds (median)")
+    parser.add_argument("--plain-malloc", action="store_true",
+                        help="keep glibc's default malloc settings (no reuse_freed_memory, which eval.py calls)")
     args = parser.parse_args(argv)
+    reused = False if args.plain_malloc else reuse_freed_memory()  # as the entry points, before jax starts
 
     from bench._common import interleaved_times
     from bench._smollm2 import random_smollm2
@@ -96,7 +102,7 @@ def main(argv=None) -> dict:
         print(f"{name:<12}{rows_decoded[name]:>14}{t:>10.2f}")
     result = {"answer_seconds": {k: round(v, 2) for k, v in seconds.items()},
               "answer_fitted_speedup": round(seconds["filled"] / seconds["fitted"], 2),
-              "rows_decoded": rows_decoded, "same_answers": same}
+              "rows_decoded": rows_decoded, "same_answers": same, "host_memory_reuse": reused}
     print(json.dumps(result))
     return result
 

@@ -13,7 +13,10 @@ real_decode_speedup_vs_torch (ours f32 over transformers f32), real_decode_speed
 (ours bf16 over transformers f32), real_decode_bf16_speedup_vs_torch_bf16, real_decode_best_vs_best
 (each side's faster dtype).
 
-    python bench/decode.py [--parts tiny,real] [--runs 3] [--threads 2]
+Both sides run after cgc_lora_jax.host_memory.reuse_freed_memory(), as eval.py and the server do
+(torch's allocator benefits alike), unless --plain-malloc.
+
+    python bench/decode.py [--parts tiny,real] [--runs 3] [--threads 2] [--plain-malloc]
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
+from cgc_lora_jax.host_memory import reuse_freed_memory  # noqa: E402
 from cgc_lora_jax.models.generate import generate  # noqa: E402
 from cgc_lora_jax.models.llama import LlamaConfig, LlamaForCausalLM, key_map  # noqa: E402
 
@@ -195,11 +199,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--real-bf16", action="store_true", help="also our bfloat16 row (real)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per side (median taken)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--plain-malloc", action="store_true",
+                        help="keep glibc's default malloc settings (no reuse_freed_memory, which eval.py calls)")
     args = parser.parse_args(argv)
+    reused = False if args.plain_malloc else reuse_freed_memory()  # as the entry points, before jax starts
     parts = set(args.parts.split(","))
     if parts - {"tiny", "real"}:
         parser.error(f"--parts {args.parts}: unknown {sorted(parts - {'tiny', 'real'})}")
-    result = {"torch_threads": args.threads, "cpu_count": os.cpu_count()}
+    result = {"torch_threads": args.threads, "cpu_count": os.cpu_count(), "host_memory_reuse": reused}
     if "tiny" in parts:
         result.update(bench_tiny(args))
     if "real" in parts:
