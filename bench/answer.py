@@ -13,8 +13,10 @@ must be the same ids.
     python bench/answer.py [--groups 20,10] [--batch 64] [--prompt 120] [--new 16] [--dtype float32] [--rounds 2]
                            [--plain-malloc]
 
-Prints the table, then one JSON line: answer_seconds per variant, answer_fitted_speedup, and
-rows_decoded per variant. Runs after reuse_freed_memory(), as eval.py does, unless --plain-malloc.
+A third variant, "power of two", fits the last batch as fitted_rows did until 2026-12-05.
+Prints the table, then one JSON line: answer_seconds per variant, answer_fitted_speedup (filled
+over fitted), answer_ladder_over_power_of_two (fitted over the old fitting) and rows_decoded per
+variant. Runs after reuse_freed_memory(), as eval.py does, unless --plain-malloc.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ def filled_batches(*args, fit_last=False, **kwargs):
     return batching.prompt_batches(*args, **kwargs)
 
 
+def power_of_two_rows(count: int, batch_size: int, min_rows: int = 8) -> int:
+    """batching.fitted_rows as it was until 2026-12-05: the next power of two >= count."""
+    return batch_size if count >= batch_size else min(batch_size, max(min_rows, 1 << max(count - 1, 0).bit_length()))
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", default="20,10", help="prompts per task, comma-separated (med8 dev: 20 a task)")
@@ -73,10 +80,11 @@ def main(argv=None) -> dict:
     task_ids = np.repeat(np.arange(len(groups)), groups).astype(np.int32)
     split = EncodedSplit(prompts, None, task_ids, [str(i) for i in range(len(prompts))], 0, Counter())
     settings = GenerationSettings(args.batch, args.new, 16)
-    rows_decoded = {"filled": 0, "fitted": 0}
+    rows_decoded = {"filled": 0, "power of two": 0, "fitted": 0}
     for g in groups:
         full, rest = divmod(g, args.batch)
         rows_decoded["filled"] += (full + (rest > 0)) * args.batch
+        rows_decoded["power of two"] += full * args.batch + (power_of_two_rows(rest, args.batch) if rest else 0)
         rows_decoded["fitted"] += full * args.batch + (batching.fitted_rows(rest, args.batch) if rest else 0)
 
     def answer_all():
@@ -90,8 +98,12 @@ def main(argv=None) -> dict:
         with mock.patch.object(answers_module, "prompt_batches", filled_batches):
             return answer_all()
 
-    variants = {"filled": filled, "fitted": answer_all}
-    same = filled() == answer_all()
+    def power_of_two():
+        with mock.patch.object(batching, "fitted_rows", power_of_two_rows):
+            return answer_all()
+
+    variants = {"filled": filled, "power of two": power_of_two, "fitted": answer_all}
+    same = filled() == answer_all() == power_of_two()
     times = interleaved_times(variants, rounds=args.rounds, warmup=0)
     seconds = {name: statistics.median(t) for name, t in times.items()}
     print(f"\nSmolLM2-135M shapes (random, {args.dtype}), tasks of {args.groups} prompts of up to {args.prompt} "
@@ -102,6 +114,7 @@ def main(argv=None) -> dict:
         print(f"{name:<12}{rows_decoded[name]:>14}{t:>10.2f}")
     result = {"answer_seconds": {k: round(v, 2) for k, v in seconds.items()},
               "answer_fitted_speedup": round(seconds["filled"] / seconds["fitted"], 2),
+              "answer_ladder_over_power_of_two": round(seconds["fitted"] / seconds["power of two"], 3),
               "rows_decoded": rows_decoded, "same_answers": same, "host_memory_reuse": reused}
     print(json.dumps(result))
     return result
