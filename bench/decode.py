@@ -16,7 +16,7 @@ real_decode_speedup_vs_torch (ours f32 over transformers f32), real_decode_speed
 Both sides run after cgc_lora_jax.host_memory.reuse_freed_memory(), as eval.py and the server do
 (torch's allocator benefits alike), unless --plain-malloc.
 
-    python bench/decode.py [--parts tiny,real] [--runs 3] [--threads 2] [--plain-malloc]
+    python bench/decode.py [--parts tiny,real] [--runs 3] [--threads 2] [--torch-bf16 auto] [--plain-malloc]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from flax import traverse_util  # noqa: E402
 from cgc_lora_jax.host_memory import reuse_freed_memory  # noqa: E402
 from cgc_lora_jax.models.generate import generate  # noqa: E402
 from cgc_lora_jax.models.llama import LlamaConfig, LlamaForCausalLM, key_map  # noqa: E402
+from cgc_lora_jax.precision import cpu_has_native_bf16  # noqa: E402
 
 SIZES = dict(
     vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -129,7 +130,9 @@ def bench_real(args) -> dict:
     """SmolLM2-135M shapes (random weights): every variant in interleaved rounds (one call of
     each per round, medians), so a slower stretch of a shared machine hits all alike. Variants:
     ours in float32 (and bfloat16 with --real-bf16), transformers in float32 at --threads and at
-    one thread, and transformers with bfloat16 weights (its fastest CPU setting or not: measured)."""
+    one thread, and transformers with bfloat16 weights (its fastest CPU setting or not: measured;
+    --torch-bf16 auto leaves it out on a CPU without native bf16 matmuls, where torch's bf16
+    decode runs at 1-2 GFLOP/s and one call would take minutes)."""
 
     from bench._common import interleaved_times
     from bench._smollm2 import random_smollm2
@@ -146,7 +149,9 @@ def bench_real(args) -> dict:
         return lambda: np.asarray(generate(model, cast, ids, mask, max_new_tokens=args.real_new,
                                            eos_token_id=None, pad_token_id=0))
 
-    hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
+    torch_bf16 = args.torch_bf16 == "yes" or (args.torch_bf16 == "auto" and cpu_has_native_bf16())
+    if not torch_bf16:
+        print("transformers bf16: left out (--torch-bf16 no, or auto on a CPU without native bf16 matmuls)")
     ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
 
     def theirs(model, threads):
@@ -159,8 +164,9 @@ def bench_real(args) -> dict:
         return call
 
     variants = {f"ours {name}": ours(dtype) for name, dtype in dtypes.items()}
-    variants.update({"transformers f32": theirs(hf, args.threads), "transformers f32 1 thread": theirs(hf, 1),
-                     "transformers bf16": theirs(hf_bf16, args.threads)})
+    variants.update({"transformers f32": theirs(hf, args.threads), "transformers f32 1 thread": theirs(hf, 1)})
+    if torch_bf16:
+        variants["transformers bf16"] = theirs(copy.deepcopy(hf).to(torch.bfloat16), args.threads)
     reference = variants["transformers f32"]()
     match = {name: float(np.mean(variants[f"ours {name}"]() == reference)) for name in dtypes}
     times = interleaved_times(variants, rounds=args.runs, warmup=1)
@@ -174,16 +180,17 @@ def bench_real(args) -> dict:
     print(f"{'implementation':<28}{'seconds':>10}{'tokens/s':>12}")
     for name, t in seconds.items():
         print(f"{name:<28}{t:>10.3f}{tokens / t:>12.1f}")
-    best_torch = min(seconds[k] for k in ("transformers f32", "transformers bf16"))
+    best_torch = min(seconds[k] for k in ("transformers f32", "transformers bf16") if k in seconds)
     out = {"real_decode_tokens_per_s": {name: round(tokens / t, 1) for name, t in seconds.items()},
            "real_decode_tokens_per_s_torch": round(tokens / seconds["transformers f32"], 1),
            "real_decode_speedup_vs_torch": round(seconds["transformers f32"] / seconds["ours f32"], 2),
            "real_greedy_ids_match_fraction": match["f32"]}
     if "bf16" in dtypes:
         out.update({"real_decode_speedup_vs_torch_bf16": round(seconds["transformers f32"] / seconds["ours bf16"], 2),
-                    "real_decode_bf16_speedup_vs_torch_bf16": round(seconds["transformers bf16"] / seconds["ours bf16"], 2),
                     "real_decode_best_vs_best": round(best_torch / min(seconds["ours f32"], seconds["ours bf16"]), 2),
                     "real_greedy_ids_match_fraction_bf16": match["bf16"]})
+        if torch_bf16:
+            out["real_decode_bf16_speedup_vs_torch_bf16"] = round(seconds["transformers bf16"] / seconds["ours bf16"], 2)
     return out
 
 
@@ -199,6 +206,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--real-bf16", action="store_true", help="also our bfloat16 row (real)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per side (median taken)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--torch-bf16", choices=("auto", "yes", "no"), default="auto",
+                        help="the transformers bf16 variant (real); auto: only where the CPU has native bf16")
     parser.add_argument("--plain-malloc", action="store_true",
                         help="keep glibc's default malloc settings (no reuse_freed_memory, which eval.py calls)")
     args = parser.parse_args(argv)
