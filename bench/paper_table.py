@@ -42,8 +42,10 @@ A finished folder is skipped whatever the overrides (each run's config.json reco
 give a table of other settings its own --out.
 
 Prints the table (percent, mean +- std over seeds per task and average; std is the sample std,
-0 for one seed), writes OUT/table_dev.md, OUT/table_dev.png and OUT/table.json, and ends with one
-JSON line of the averages and each row's seconds. Choose hyperparameters on dev only: this script
+0 for one seed) and CGC-LoRA minus each row on the dev average, paired by seed, with the 95%
+t-interval of the mean difference and whether it is beyond the seed spread; writes
+OUT/table_dev.md (both), OUT/table_dev.png and OUT/table.json, and ends with one JSON line of the
+averages, the paired mean differences and each row's seconds. Choose hyperparameters on dev only: this script
 never scores test.
 """
 
@@ -178,16 +180,17 @@ def run_order(rows: list[str], args) -> list[tuple[str, int]]:
     return [(row, seed) for seed in range(most) for row in rows if seed in seeds_of(row, args) and seed in chosen]
 
 
-def summarise(out: Path, rows: list[str], args) -> dict:
-    """{row name: {task: [dev score per seed]}} of the finished folders."""
-    table = {}
+def summarise(out: Path, rows: list[str], args) -> tuple[dict, dict]:
+    """{row name: {task: [dev score per seed]}} of the finished folders, and {row name: [their seeds]}."""
+    table, seeds = {}, {}
     for row in rows:
-        runs = [out / row / f"seed{s}" for s in seeds_of(row, args) if (out / row / f"seed{s}" / DONE).is_file()]
-        if not runs:
+        finished = [s for s in seeds_of(row, args) if (out / row / f"seed{s}" / DONE).is_file()]
+        if not finished:
             continue
-        per_seed = [read_scores(r, "dev") for r in runs]
+        per_seed = [read_scores(out / row / f"seed{s}", "dev") for s in finished]
         table[ROW_NAMES[row]] = {task: [s[task] for s in per_seed] for task in per_seed[0]}
-    return table
+        seeds[ROW_NAMES[row]] = finished
+    return table, seeds
 
 
 def mean_std_table(table: dict) -> str:
@@ -201,6 +204,42 @@ def mean_std_table(table: dict) -> str:
             cells.append(f"{statistics.mean(values):.2f} ± {std:.2f}")
         lines.append(f"| {name} | {len(scores['average'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def paired_differences(table: dict, seeds: dict, reference: str = ROW_NAMES["cgc_lora"]) -> tuple[str, dict]:
+    """`reference` minus every other row on the dev average, paired by seed (the same seed draws the
+    same dev records and batches for every row), in percent points: per seed, mean +- sample std,
+    and the two-sided 95% Student-t interval of the mean difference; the reading says whether the
+    difference is beyond the seed spread (the interval excludes 0). Returns the markdown block and
+    {row: mean difference}; empty without the reference row."""
+    from scipy import stats
+
+    if reference not in table:
+        return "", {}
+    mine = dict(zip(seeds[reference], table[reference]["average"]))
+    lines = [f"{reference} minus each row, dev average, paired by seed (percent points):", "",
+             "| row | seeds | per seed | mean ± sd | 95% interval | reading |", "|---" * 6 + "|"]
+    means = {}
+    for name, scores in table.items():
+        shared = [k for k in seeds[name] if k in mine and name != reference]
+        if not shared:
+            continue
+        theirs = dict(zip(seeds[name], scores["average"]))
+        diffs = [100 * (mine[k] - theirs[k]) for k in shared]
+        mean = means[name] = statistics.mean(diffs)
+        if len(diffs) > 1:
+            sd = statistics.stdev(diffs)
+            half = stats.t.ppf(0.975, len(diffs) - 1) * sd / len(diffs) ** 0.5
+            spread, interval = f"{mean:+.2f} ± {sd:.2f}", f"{mean - half:+.2f} .. {mean + half:+.2f}"
+            if mean - half > 0 or mean + half < 0:
+                reading = f"{reference} {'ahead' if mean > 0 else 'behind'} beyond the seed spread"
+            else:
+                reading = "within the seed spread"
+        else:
+            spread, interval, reading = f"{mean:+.2f}", "–", "one paired seed: no spread to judge by"
+        lines.append(f"| {name} | {','.join(map(str, shared))} | {', '.join(f'{d:+.2f}' for d in diffs)} | "
+                     f"{spread} | {interval} | {reading} |")
+    return ("\n".join(lines) + "\n" if means else ""), means
 
 
 def seed_list(text: str) -> list[int]:
@@ -278,10 +317,11 @@ def main(argv=None) -> None:
         seconds[f"{row}/seed{seed}"] = took
         print(f"{ROW_NAMES[row]} seed {seed} ({', '.join(todo)}): {took} s", flush=True)
 
-    table = summarise(out, rows, args)
+    table, finished = summarise(out, rows, args)
     if not table:
         raise SystemExit(f"no row/seed of {','.join(rows)} has finished in {out}: nothing to tabulate")
-    text = mean_std_table(table)
+    paired, differences = paired_differences(table, finished)
+    text = mean_std_table(table) + ("\n" + paired if paired else "")
     print()
     print(text)
     (out / "table_dev.md").write_text(text, encoding="utf-8")
@@ -290,6 +330,7 @@ def main(argv=None) -> None:
     (out / "table.json").write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"chart: {chart}")
     print(json.dumps({"config": args.config, "averages": {n: round(100 * m["average"], 2) for n, m in means.items()},
+                      "cgc_lora_minus": {n: round(d, 2) for n, d in differences.items()},
                       "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1)}))
 
 

@@ -74,6 +74,34 @@ def test_finished_folders_are_skipped_and_summarised(tmp_path, capsys):
     assert json.loads(out.strip().splitlines()[-1])["total_seconds"] == 0
 
 
+def test_cgc_lora_minus_each_row_is_paired_by_seed_with_a_t_interval(tmp_path, capsys):
+    """Pairs by seed number (a row missing a seed pairs on the rest), the interval against float64
+    numpy and the published t quantile, and the reading flips only when the interval excludes 0."""
+    averages = {"cgc_lora": {0: 0.30, 1: 0.32, 2: 0.31}, "lora_full": {0: 0.20, 1: 0.23, 2: 0.21},
+                "moelora": {0: 0.26}, "no_gate": {0: 0.40, 2: 0.20}}
+    for row, per_seed in averages.items():
+        for seed, avg in per_seed.items():
+            folder = tmp_path / row / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "scores_dev.json").write_text(json.dumps({"KUAKE-QIC": avg, "average": avg}))
+            (folder / paper_table.DONE).write_text("{}")
+    paper_table.main(["--config", "med8", "--out", str(tmp_path), "--rows", "lora_full,moelora,cgc_lora,no_gate",
+                      "--seeds", "3", "--other-seeds", "3", "--minutes", "0"])  # trains nothing missing
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
+    diffs = 100 * (np.array([0.30, 0.32, 0.31]) - np.array([0.20, 0.23, 0.21]))
+    half = 4.302652729911275 * diffs.std(ddof=1) / np.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    assert rows["LoRA Full"][1:4] == ["0,1,2", "+10.00, +9.00, +10.00", f"+{diffs.mean():.2f} ± {diffs.std(ddof=1):.2f}"]
+    assert rows["LoRA Full"][4] == f"+{diffs.mean() - half:.2f} .. +{diffs.mean() + half:.2f}"
+    assert rows["LoRA Full"][5] == "CGC-LoRA ahead beyond the seed spread |"
+    assert rows["MOE-LoRA"][1:5] == ["0", "+4.00", "+4.00", "–"] and "no spread" in rows["MOE-LoRA"][5]
+    assert rows["w/o gate"][1:3] == ["0,2", "-10.00, +11.00"] and rows["w/o gate"][5] == "within the seed spread |"
+    assert "| CGC-LoRA | 0," not in out  # the reference is not paired with itself
+    figures = json.loads(out.strip().splitlines()[-1])["cgc_lora_minus"]
+    assert figures == {"LoRA Full": pytest.approx(diffs.mean(), abs=0.005), "MOE-LoRA": 4.0, "w/o gate": 0.5}
+    assert "paired by seed" in (tmp_path / "table_dev.md").read_text()
+
+
 def test_runs_go_seed_by_seed_and_stop_starting_when_the_minutes_are_spent(tmp_path, capsys, monkeypatch):
     started = []
 
