@@ -218,7 +218,7 @@ def paired_differences(table: dict, seeds: dict, reference: str = ROW_NAMES["cgc
         return "", {}
     mine = dict(zip(seeds[reference], table[reference]["average"]))
     lines = [f"{reference} minus each row, dev average, paired by seed (percent points):", "",
-             "| row | seeds | per seed | mean ± sd | 95% interval | reading |", "|---" * 6 + "|"]
+             "| row | paired seed numbers | per seed | mean ± sd | 95% interval | reading |", "|---" * 6 + "|"]
     means = {}
     for name, scores in table.items():
         shared = [k for k in seeds[name] if k in mine and name != reference]
