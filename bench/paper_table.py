@@ -41,8 +41,8 @@ changes every row, --row-override ROW:KEY=VALUE one row (a learning rate chosen 
 A finished folder is skipped whatever the overrides (each run's config.json records its own), so
 give a table of other settings its own --out.
 
-Prints the table (percent, mean +- std over seeds per task and average; std is the sample std,
-0 for one seed) and CGC-LoRA minus each row on the dev average, paired by seed, with the 95%
+Prints the table of every finished row/seed folder in OUT, whichever command ran it (percent,
+mean +- std over seeds per task and average; std is the sample std, 0 for one seed) and CGC-LoRA minus each row on the dev average, paired by seed, with the 95%
 t-interval of the mean difference and whether it is beyond the seed spread; writes
 OUT/table_dev.md (both), OUT/table_dev.png and OUT/table.json, and ends with one JSON line of the
 averages, the paired mean differences and each row's seconds. Choose hyperparameters on dev only: this script
@@ -180,11 +180,19 @@ def run_order(rows: list[str], args) -> list[tuple[str, int]]:
     return [(row, seed) for seed in range(most) for row in rows if seed in seeds_of(row, args) and seed in chosen]
 
 
-def summarise(out: Path, rows: list[str], args) -> tuple[dict, dict]:
-    """{row name: {task: [dev score per seed]}} of the finished folders, and {row name: [their seeds]}."""
+def finished_seeds(out: Path, row: str) -> list[int]:
+    """The seeds of `row` whose folder in `out` has answered dev (done.json), in order."""
+    folders = (out / row).glob("seed*") if (out / row).is_dir() else ()
+    return sorted(int(f.name[4:]) for f in folders if f.name[4:].isdigit() and "dev" in finished_splits(f))
+
+
+def summarise(out: Path) -> tuple[dict, dict]:
+    """{row name: {task: [dev score per seed]}} of every finished row/seed folder in `out` (whatever
+    --rows, --seeds or --quick this run was given, so a table filled by several commands is shown
+    whole), and {row name: [their seeds]}."""
     table, seeds = {}, {}
-    for row in rows:
-        finished = [s for s in seeds_of(row, args) if (out / row / f"seed{s}" / DONE).is_file()]
+    for row in ROWS:
+        finished = finished_seeds(out, row)
         if not finished:
             continue
         per_seed = [read_scores(out / row / f"seed{s}", "dev") for s in finished]
@@ -261,7 +269,7 @@ def main(argv=None) -> None:
     parser.add_argument("--other-seeds", type=int, default=1, help="at most this many seeds for the other rows")
     parser.add_argument("--only-seeds", type=seed_list, default=None, metavar="K,K",
                         help="run these seeds alone (e.g. 2, or 0,1), as when several processes or machines "
-                             "share one table; the table shows every finished seed below --seeds")
+                             "share one table; the table shows every finished seed in --out")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     parser.add_argument("--icl-shots", type=int, default=2, help="in-context examples per prompt")
     parser.add_argument("--hub-shots", type=int, default=5, help="LoRAHub few-shot examples per task")
@@ -317,9 +325,9 @@ def main(argv=None) -> None:
         seconds[f"{row}/seed{seed}"] = took
         print(f"{ROW_NAMES[row]} seed {seed} ({', '.join(todo)}): {took} s", flush=True)
 
-    table, finished = summarise(out, rows, args)
+    table, finished = summarise(out)
     if not table:
-        raise SystemExit(f"no row/seed of {','.join(rows)} has finished in {out}: nothing to tabulate")
+        raise SystemExit(f"no row/seed has finished in {out}: nothing to tabulate")
     paired, differences = paired_differences(table, finished)
     text = mean_std_table(table) + ("\n" + paired if paired else "")
     print()

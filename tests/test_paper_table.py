@@ -150,6 +150,35 @@ def test_only_seeds_runs_those_seeds_and_the_table_shows_every_finished_one(tmp_
     assert "--only-seeds 3: the table has seeds 0-2" in capsys.readouterr().err
 
 
+def test_the_table_shows_every_finished_folder_whichever_command_ran_it(tmp_path, capsys):
+    """A --rows subset or a --quick run in a folder filled by earlier commands tabulates (and pairs)
+    every finished row and seed there; a folder without done.json, or one that answered test only,
+    and a stray folder name are left out."""
+    averages = {"icl": {0: 0.05}, "lora_full": {0: 0.20, 1: 0.23, 2: 0.21}, "cgc_lora": {0: 0.30, 1: 0.32, 2: 0.31},
+                "moelora": {0: 0.26}}
+    for row, per_seed in averages.items():
+        for seed, avg in per_seed.items():
+            folder = tmp_path / row / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "scores_dev.json").write_text(json.dumps({"KUAKE-QIC": avg, "average": avg}))
+            (folder / paper_table.DONE).write_text("{}")
+    (tmp_path / "moelora" / "seed1").mkdir()  # an unfinished run
+    (tmp_path / "moelora" / "seed1" / "scores_dev.json").write_text(json.dumps({"KUAKE-QIC": 0.9, "average": 0.9}))
+    (tmp_path / "no_gate" / "seed0").mkdir(parents=True)
+    (tmp_path / "no_gate" / "seed0" / paper_table.DONE).write_text(json.dumps({"splits": ["test"]}))
+    (tmp_path / "cgc_lora" / "seed_old").mkdir()
+    paper_table.main(["--config", "med8", "--out", str(tmp_path), "--quick"])  # one seed of three rows: all done
+    out = capsys.readouterr().out
+    assert out.count("done, skipped") == 3
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert list(table) == ["In-context", "LoRA Full", "MOE-LoRA", "CGC-LoRA"]
+    assert table["CGC-LoRA"]["average"] == [0.30, 0.32, 0.31] and table["MOE-LoRA"]["average"] == [0.26]
+    paired = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in out.splitlines() if "ahead" in line
+              or "within" in line or "no spread" in line}
+    assert paired == {"In-context": "0", "LoRA Full": "0,1,2", "MOE-LoRA": "0"}
+    assert json.loads(out.strip().splitlines()[-1])["cgc_lora_minus"]["MOE-LoRA"] == pytest.approx(4.0)
+
+
 def test_row_overrides_reach_their_row_alone(tmp_path, monkeypatch, capsys):
     """--row-override cgc_lora:train.lr=...: a learning rate per row, on top of --override."""
     import cgc_lora_jax.training.loop as loop
