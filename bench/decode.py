@@ -8,15 +8,22 @@ threads and at one, and transformers with bfloat16 weights, all in interleaved r
 each per round after a warm-up round; medians), so a busy stretch of a shared machine slows all
 alike. Greedy ids are compared with transformers' float32 ones. tokens/s = batch * new tokens /
 seconds, prefill included.
+"prefill" (--parts prefill): the prefill alone, generate's first call (model.decode over the
+prompt into an empty cache, last-position logits), SmolLM2-135M shapes (random weights) at
+--prefill-batch x --prefill-prompt tokens in --prefill-dtype (auto: bf16 where the CPU multiplies
+it natively), two variants in interleaved rounds: "cache read", the cache's index traced (the
+prompt attends over every cache slot, masked: before 2026-12-06), and "own keys", the index the
+Python int 0 (models/blocks.py cached_attention: the prompt attends over its own keys alone, in
+causal row blocks); both must pick the same next tokens.
 Prints side-by-side tables, then, last, one JSON line: decode_speedup_vs_torch (tiny) and
 real_decode_speedup_vs_torch (ours f32 over transformers f32), real_decode_speedup_vs_torch_bf16
 (ours bf16 over transformers f32), real_decode_bf16_speedup_vs_torch_bf16, real_decode_best_vs_best
-(each side's faster dtype).
+(each side's faster dtype); prefill_seconds per variant and prefill_speedup (cache read over own keys).
 
 Both sides run after cgc_lora_jax.host_memory.reuse_freed_memory(), as eval.py and the server do
 (torch's allocator benefits alike), unless --plain-malloc.
 
-    python bench/decode.py [--parts tiny,real] [--runs 3] [--threads 2] [--torch-bf16 auto] [--plain-malloc]
+    python bench/decode.py [--parts tiny,real,prefill] [--runs 3] [--threads 2] [--torch-bf16 auto] [--plain-malloc]
 """
 
 from __future__ import annotations
@@ -194,9 +201,48 @@ def bench_real(args) -> dict:
     return out
 
 
+def bench_prefill(args) -> dict:
+    from bench._common import interleaved_times
+    from bench._smollm2 import random_smollm2
+    from cgc_lora_jax.precision import resolve_dtype
+
+    _, cfg, params = random_smollm2()
+    dtype = jnp.dtype(resolve_dtype(args.prefill_dtype))
+    model = LlamaForCausalLM(cfg).clone(dtype=dtype, param_dtype=dtype)
+    params = jax.tree.map(lambda a: a.astype(dtype), params)
+    b, t = args.prefill_batch, args.prefill_prompt
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (b, t)), jnp.int32)
+    mask = jnp.ones((b, t), jnp.int32).at[: b // 2, : t // 4].set(0)  # half the rows left-padded by a quarter
+
+    def prefill(empty_known: bool):
+        @jax.jit
+        def call(params, ids, mask):
+            cache = model.init_cache(b, t + args.real_new)
+            cache = {**cache, "index": 0} if empty_known else cache
+            logits, _ = model.apply({"params": params}, ids, mask, cache=cache, method=model.decode, last_only=True)
+            return logits[:, -1]
+        return lambda: call(params, ids, mask)
+
+    variants = {"cache read": prefill(False), "own keys": prefill(True)}
+    logits = {name: np.asarray(fn(), np.float32) for name, fn in variants.items()}
+    same = float(np.mean(logits["cache read"].argmax(-1) == logits["own keys"].argmax(-1)))
+    gap = float(np.max(np.abs(logits["cache read"] - logits["own keys"])))
+    times = interleaved_times(variants, rounds=args.runs, warmup=0, wait=jax.block_until_ready)
+    seconds = {name: statistics.median(v) for name, v in times.items()}
+    print(f"\nprefill, SmolLM2-135M shapes (random), {b} x {t} tokens (half the rows a quarter padding), "
+          f"{jnp.dtype(dtype).name}, cache of {t + args.real_new} slots, median of {args.runs} interleaved rounds; "
+          f"next tokens equal {same:.3f}, largest logit gap {gap:.3g}")
+    print(f"{'variant':<28}{'seconds':>10}{'tokens/s':>12}")
+    for name, sec in seconds.items():
+        print(f"{name:<28}{sec:>10.3f}{b * t / sec:>12.1f}")
+    return {"prefill_seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "prefill_speedup": round(seconds["cache read"] / seconds["own keys"], 2),
+            "prefill_next_tokens_equal": same, "prefill_dtype": jnp.dtype(dtype).name}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="tiny,real", help="comma-separated: tiny, real (SmolLM2-135M shapes)")
+    parser.add_argument("--parts", default="tiny,real", help="comma-separated: tiny, real (SmolLM2-135M shapes), prefill")
     parser.add_argument("--batch", type=int, default=4, help="rows per generate call (tiny)")
     parser.add_argument("--prompt", type=int, default=32, help="prompt length in tokens (tiny)")
     parser.add_argument("--new", type=int, default=64, help="new tokens per row (tiny)")
@@ -204,6 +250,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--real-prompt", type=int, default=64, help="prompt length in tokens (real)")
     parser.add_argument("--real-new", type=int, default=64, help="new tokens per row (real)")
     parser.add_argument("--real-bf16", action="store_true", help="also our bfloat16 row (real)")
+    parser.add_argument("--prefill-batch", type=int, default=64, help="rows (prefill; med8 answers 64 a batch)")
+    parser.add_argument("--prefill-prompt", type=int, default=256, help="prompt tokens (prefill; med8: 256)")
+    parser.add_argument("--prefill-dtype", default="auto", help="float32 | bfloat16 | auto (prefill)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per side (median taken)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--torch-bf16", choices=("auto", "yes", "no"), default="auto",
@@ -213,13 +262,15 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     reused = False if args.plain_malloc else reuse_freed_memory()  # as the entry points, before jax starts
     parts = set(args.parts.split(","))
-    if parts - {"tiny", "real"}:
-        parser.error(f"--parts {args.parts}: unknown {sorted(parts - {'tiny', 'real'})}")
+    if parts - {"tiny", "real", "prefill"}:
+        parser.error(f"--parts {args.parts}: unknown {sorted(parts - {'tiny', 'real', 'prefill'})}")
     result = {"torch_threads": args.threads, "cpu_count": os.cpu_count(), "host_memory_reuse": reused}
     if "tiny" in parts:
         result.update(bench_tiny(args))
     if "real" in parts:
         result.update(bench_real(args))
+    if "prefill" in parts:
+        result.update(bench_prefill(args))
     print(json.dumps(result))
     return result
 

@@ -114,8 +114,11 @@ def _generate(model, params, input_ids, attention_mask, task_ids, eos_ids, rng, 
         tokens = jnp.where(done, pad_token_id, tokens)
         return tokens, done | jnp.isin(tokens, eos_ids), rng
 
-    cache = model.init_cache(batch, prompt_length + max_new_tokens)
+    # The index as the Python int 0 tells attention at trace time that the cache is empty, so the
+    # prompt attends over its own keys alone (models/blocks.py: cached_attention).
+    cache = {**model.init_cache(batch, prompt_length + max_new_tokens), "index": 0}
     logits, cache = step(input_ids, attention_mask, cache)
+    cache = {**cache, "index": jnp.asarray(cache["index"], jnp.int32)}
     tokens, done, rng = pick(logits, rng, jnp.zeros((batch,), bool))
     out = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(tokens)
 

@@ -79,18 +79,26 @@ def test_grouped_attention_and_cache_match_reference(groups):
         got = np.asarray(grouped_attention(jnp.asarray(q), jnp.asarray(kk), jnp.asarray(vv), jnp.asarray(allowed),
                                            heads_major=heads_major))
         np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-5)
-    # The cache, written as a 4-token prompt then one token at a time, gives the same rows.
-    cache = init_kv_cache(b, t + 2, 1, groups, d, jnp.float32, ("next_position",))
-    outs = []
-    for start, stop in ((0, 4), (4, 5), (5, 6)):
-        chunk_mask = jnp.asarray(mask[:, start:stop])
-        valid, causal = cache_slots(cache, chunk_mask)
-        out, layer = cached_attention(jnp.asarray(q[:, start:stop]), jnp.asarray(k[:, start:stop]),
-                                      jnp.asarray(v[:, start:stop]), causal[None] & valid[:, None, :],
-                                      cache["layers"][0], cache["index"])
-        cache = {**cache, "index": cache["index"] + stop - start, "valid": valid, "layers": (layer,)}
-        outs.append(np.asarray(out))
-    np.testing.assert_allclose(np.concatenate(outs, 1)[real], want[real], rtol=1e-5, atol=1e-5)
+    # The cache, written as a 4-token prompt then one token at a time, gives the same rows; the
+    # prompt's index given as the Python int 0 (an empty cache: the prompt attends over its own
+    # keys alone) gives them too, and writes the same cache.
+    caches = []
+    for empty_known in (False, True):
+        cache = init_kv_cache(b, t + 2, 1, groups, d, jnp.float32, ("next_position",))
+        outs = []
+        for start, stop in ((0, 4), (4, 5), (5, 6)):
+            chunk_mask = jnp.asarray(mask[:, start:stop])
+            valid, causal = cache_slots(cache, chunk_mask)
+            index = 0 if empty_known and start == 0 else cache["index"]
+            out, layer = cached_attention(jnp.asarray(q[:, start:stop]), jnp.asarray(k[:, start:stop]),
+                                          jnp.asarray(v[:, start:stop]), causal[None] & valid[:, None, :],
+                                          cache["layers"][0], index, causal=True)
+            cache = {**cache, "index": cache["index"] + stop - start, "valid": valid, "layers": (layer,)}
+            outs.append(np.asarray(out))
+        np.testing.assert_allclose(np.concatenate(outs, 1)[real], want[real], rtol=1e-5, atol=1e-5)
+        caches.append(cache)
+    for before, after in zip(jax.tree.leaves(caches[0]), jax.tree.leaves(caches[1])):
+        np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
 
 
 @pytest.mark.parametrize("t, blocks, min_rows", [(37, 4, 8), (40, 3, 8), (24, 4, 16)])
