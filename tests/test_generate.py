@@ -302,3 +302,26 @@ def test_answers_of_a_short_batch_decode_fitted_rows_and_equal_transformers(monk
     assert rows_seen == [8]
     want = torch_greedy(ids, mask, eos=2)
     assert [answers[i] for i in range(len(lengths))] == [cut_at_stop(row, [2]) for row in want]
+
+
+def test_answers_batch_prompts_of_similar_length_and_keep_each_answer_with_its_prompt(monkeypatch):
+    """Prompts in the order short, long, short, long ... go to generate sorted by length, so each
+    batch is as narrow as its own prompts (two 16-wide batches and two wider ones, not four wide
+    ones); every answer is still transformers' greedy answer of its own prompt."""
+    from collections import Counter
+
+    from cgc_lora_jax.data.formatting import EncodedSplit
+    from cgc_lora_jax.evaluation.answers import GenerationSettings, cut_at_stop, generate_answers
+
+    lengths = (3, 30, 5, 28, 4, 31, 6, 29, 2, 27, 7, 26, 3, 25, 8, 24)
+    ids, mask = prompts(lengths, seed=6)
+    split = EncodedSplit([row[m.astype(bool)].astype(np.int32) for row, m in zip(ids, mask)], None,
+                         np.zeros(len(lengths), np.int32), [str(i) for i in range(len(lengths))], PAD, Counter())
+    widths, real_generate = [], gen.generate
+    monkeypatch.setattr(gen, "generate", lambda *a, **k: widths.append(np.shape(a[2])[1]) or real_generate(*a, **k))
+    _, model, params = tiny_llama()
+    answers = generate_answers(model, params, split, np.arange(len(lengths)), GenerationSettings(4, NEW, 16),
+                               eos_token_id=2)
+    assert widths == [16, 16, 32, 32]
+    want = torch_greedy(ids, mask, eos=2)
+    assert [answers[i] for i in range(len(lengths))] == [cut_at_stop(row, [2]) for row in want]

@@ -2,7 +2,10 @@
 
     prompts  (EncodedSplit of generation prompts: encode_split(..., for_prediction=True), which
               truncates each prompt to max_source_len - 1 ids, or `prompts_from_texts`)
-      -> batches of `rows`, left-padded (batching.prompt_batches): batch_size rows, the last
+      -> `rows` ordered by prompt length (stable), so that prompts of similar length share a
+         batch and its padded width: med8's 2-shot in-context prompts (120-477 tokens, in file
+         order) fill about 10% fewer positions
+      -> batches of them, left-padded (batching.prompt_batches): batch_size rows, the last
          one fitted to the smallest 2^k or 3 * 2^(k-1) >= its prompts (at least 8 rows; filler
          rows -1 complete it), so few batch shapes are compiled and a task's 20 prompts decode
          as 24 rows, not 64
@@ -95,6 +98,8 @@ def generate_answers(model, params, prompts: EncodedSplit, rows, settings: Gener
     eos = eos_token_id if eos_token_id is not None or tokenizer is None else tokenizer.eos_token_id
     stops = stop_ids(tokenizer) if tokenizer is not None else np.atleast_1d(eos if eos is not None else []).tolist()
     answers = {}
+    rows = np.asarray(rows, np.int64)
+    rows = rows[np.argsort(prompts.lengths[rows], kind="stable")]
     for batch in prompt_batches(prompts, settings.batch_size, pad_multiple=settings.pad_multiple, rows=rows,
                                 fit_last=True):
         new_ids = generate(model, params, batch.input_ids, batch.attention_mask,
