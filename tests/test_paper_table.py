@@ -74,17 +74,22 @@ def test_finished_folders_are_skipped_and_summarised(tmp_path, capsys):
     assert json.loads(out.strip().splitlines()[-1])["total_seconds"] == 0
 
 
+def finished_folders(out: Path, averages: dict) -> None:
+    """A finished folder (done.json, a dev score) per row and seed of {row: {seed: average}}."""
+    for row, per_seed in averages.items():
+        for seed, avg in per_seed.items():
+            folder = out / row / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "scores_dev.json").write_text(json.dumps({"KUAKE-QIC": avg, "average": avg}))
+            (folder / paper_table.DONE).write_text("{}")
+
+
 def test_cgc_lora_minus_each_row_is_paired_by_seed_with_a_t_interval(tmp_path, capsys):
     """Pairs by seed number (a row missing a seed pairs on the rest), the interval against float64
     numpy and the published t quantile, and the reading flips only when the interval excludes 0."""
     averages = {"cgc_lora": {0: 0.30, 1: 0.32, 2: 0.31}, "lora_full": {0: 0.20, 1: 0.23, 2: 0.21},
                 "moelora": {0: 0.26}, "no_gate": {0: 0.40, 2: 0.20}}
-    for row, per_seed in averages.items():
-        for seed, avg in per_seed.items():
-            folder = tmp_path / row / f"seed{seed}"
-            folder.mkdir(parents=True)
-            (folder / "scores_dev.json").write_text(json.dumps({"KUAKE-QIC": avg, "average": avg}))
-            (folder / paper_table.DONE).write_text("{}")
+    finished_folders(tmp_path, averages)
     paper_table.main(["--config", "med8", "--out", str(tmp_path), "--rows", "lora_full,moelora,cgc_lora,no_gate",
                       "--seeds", "3", "--other-seeds", "3", "--minutes", "0"])  # trains nothing missing
     out = capsys.readouterr().out
@@ -156,12 +161,7 @@ def test_the_table_shows_every_finished_folder_whichever_command_ran_it(tmp_path
     and a stray folder name are left out."""
     averages = {"icl": {0: 0.05}, "lora_full": {0: 0.20, 1: 0.23, 2: 0.21}, "cgc_lora": {0: 0.30, 1: 0.32, 2: 0.31},
                 "moelora": {0: 0.26}}
-    for row, per_seed in averages.items():
-        for seed, avg in per_seed.items():
-            folder = tmp_path / row / f"seed{seed}"
-            folder.mkdir(parents=True)
-            (folder / "scores_dev.json").write_text(json.dumps({"KUAKE-QIC": avg, "average": avg}))
-            (folder / paper_table.DONE).write_text("{}")
+    finished_folders(tmp_path, averages)
     (tmp_path / "moelora" / "seed1").mkdir()  # an unfinished run
     (tmp_path / "moelora" / "seed1" / "scores_dev.json").write_text(json.dumps({"KUAKE-QIC": 0.9, "average": 0.9}))
     (tmp_path / "no_gate" / "seed0").mkdir(parents=True)
