@@ -230,14 +230,14 @@ def bench_prefill(args) -> dict:
     times = interleaved_times(variants, rounds=args.runs, warmup=0, wait=jax.block_until_ready)
     seconds = {name: statistics.median(v) for name, v in times.items()}
     print(f"\nprefill, SmolLM2-135M shapes (random), {b} x {t} tokens (half the rows a quarter padding), "
-          f"{jnp.dtype(dtype).name}, cache of {t + args.real_new} slots, median of {args.runs} interleaved rounds; "
+          f"{dtype.name}, cache of {t + args.real_new} slots, median of {args.runs} interleaved rounds; "
           f"next tokens equal {same:.3f}, largest logit gap {gap:.3g}")
     print(f"{'variant':<28}{'seconds':>10}{'tokens/s':>12}")
     for name, sec in seconds.items():
         print(f"{name:<28}{sec:>10.3f}{b * t / sec:>12.1f}")
     return {"prefill_seconds": {k: round(v, 3) for k, v in seconds.items()},
             "prefill_speedup": round(seconds["cache read"] / seconds["own keys"], 2),
-            "prefill_next_tokens_equal": same, "prefill_dtype": jnp.dtype(dtype).name}
+            "prefill_next_tokens_equal": same, "prefill_dtype": dtype.name}
 
 
 def main(argv=None) -> dict:

@@ -42,8 +42,9 @@ A finished folder is skipped whatever the overrides (each run's config.json reco
 give a table of other settings its own --out.
 
 Prints the table of every finished row/seed folder in OUT, whichever command ran it (percent,
-mean +- std over seeds per task and average; std is the sample std, 0 for one seed) and CGC-LoRA minus each row on the dev average, paired by seed, with the 95%
-t-interval of the mean difference and whether it is beyond the seed spread; writes
+mean +- std over seeds per task and average; std is the sample std, 0 for one seed) and CGC-LoRA
+minus each row on the dev average, paired by seed, with the 95% t-interval of the mean difference
+and whether it is beyond the seed spread; writes
 OUT/table_dev.md (both), OUT/table_dev.png and OUT/table.json, and ends with one JSON line of the
 averages, the paired mean differences and each row's seconds. Choose hyperparameters on dev only: this script
 never scores test.

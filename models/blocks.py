@@ -14,7 +14,9 @@ modules. Each family keeps its own parity with its original through the paramete
 The KV cache, one structure for every family (a dict of arrays with static shapes, so a jitted
 decode step never recompiles, and serve/slots.py finds its batch and sequence axes by shape):
 
-    {"index":  [] int32     next slot to write, the same for every row,
+    {"index":  [] int32     next slot to write, the same for every row (or the Python int 0: a
+                            cache known empty while tracing, so the prompt attends over its own
+                            keys alone; generate's prefill passes it, see cached_attention),
      "valid":  [B, S] bool  the slot holds a real token (False: a pad or not written yet),
      "layers": ({"key": [B, G, S, D], "value": [B, G, S, D]}, ...)   keys after RoPE,
      **positions            the family's per-row position state, [B] int32 each}
