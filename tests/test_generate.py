@@ -282,24 +282,33 @@ def test_greedy_choice_is_the_first_maximum(dtype):
     np.testing.assert_array_equal(np.asarray(gen.greedy_tokens(logits)), expected)
 
 
-def test_answers_of_a_short_batch_decode_fitted_rows_and_equal_transformers(monkeypatch):
-    """generate_answers fits a short batch (5 prompts, batch size 64) to 8 rows; every answer is
-    still transformers' greedy answer, cut at eos."""
+def answers_and_generate_calls(monkeypatch, lengths, seed, batch_size):
+    """(ids, mask, {row: answer}, shapes of the batches generate got) of generate_answers over
+    prompts of `lengths`, in batches of `batch_size`."""
     from collections import Counter
 
     from cgc_lora_jax.data.formatting import EncodedSplit
-    from cgc_lora_jax.evaluation.answers import GenerationSettings, cut_at_stop, generate_answers
+    from cgc_lora_jax.evaluation.answers import GenerationSettings, generate_answers
 
-    lengths = (9, 5, 2, 7, 4)
-    ids, mask = prompts(lengths, seed=5)
+    ids, mask = prompts(lengths, seed=seed)
     split = EncodedSplit([row[m.astype(bool)].astype(np.int32) for row, m in zip(ids, mask)], None,
                          np.zeros(len(lengths), np.int32), [str(i) for i in range(len(lengths))], PAD, Counter())
-    rows_seen, real_generate = [], gen.generate
-    monkeypatch.setattr(gen, "generate", lambda *a, **k: rows_seen.append(np.shape(a[2])[0]) or real_generate(*a, **k))
+    shapes, real_generate = [], gen.generate
+    monkeypatch.setattr(gen, "generate", lambda *a, **k: shapes.append(np.shape(a[2])) or real_generate(*a, **k))
     _, model, params = tiny_llama()
-    answers = generate_answers(model, params, split, np.arange(len(lengths)), GenerationSettings(64, NEW, 16),
+    answers = generate_answers(model, params, split, np.arange(len(lengths)), GenerationSettings(batch_size, NEW, 16),
                                eos_token_id=2)
-    assert rows_seen == [8]
+    return ids, mask, answers, shapes
+
+
+def test_answers_of_a_short_batch_decode_fitted_rows_and_equal_transformers(monkeypatch):
+    """generate_answers fits a short batch (5 prompts, batch size 64) to 8 rows; every answer is
+    still transformers' greedy answer, cut at eos."""
+    from cgc_lora_jax.evaluation.answers import cut_at_stop
+
+    lengths = (9, 5, 2, 7, 4)
+    ids, mask, answers, shapes = answers_and_generate_calls(monkeypatch, lengths, seed=5, batch_size=64)
+    assert [rows for rows, _ in shapes] == [8]
     want = torch_greedy(ids, mask, eos=2)
     assert [answers[i] for i in range(len(lengths))] == [cut_at_stop(row, [2]) for row in want]
 
@@ -308,20 +317,10 @@ def test_answers_batch_prompts_of_similar_length_and_keep_each_answer_with_its_p
     """Prompts in the order short, long, short, long ... go to generate sorted by length, so each
     batch is as narrow as its own prompts (two 16-wide batches and two wider ones, not four wide
     ones); every answer is still transformers' greedy answer of its own prompt."""
-    from collections import Counter
-
-    from cgc_lora_jax.data.formatting import EncodedSplit
-    from cgc_lora_jax.evaluation.answers import GenerationSettings, cut_at_stop, generate_answers
+    from cgc_lora_jax.evaluation.answers import cut_at_stop
 
     lengths = (3, 30, 5, 28, 4, 31, 6, 29, 2, 27, 7, 26, 3, 25, 8, 24)
-    ids, mask = prompts(lengths, seed=6)
-    split = EncodedSplit([row[m.astype(bool)].astype(np.int32) for row, m in zip(ids, mask)], None,
-                         np.zeros(len(lengths), np.int32), [str(i) for i in range(len(lengths))], PAD, Counter())
-    widths, real_generate = [], gen.generate
-    monkeypatch.setattr(gen, "generate", lambda *a, **k: widths.append(np.shape(a[2])[1]) or real_generate(*a, **k))
-    _, model, params = tiny_llama()
-    answers = generate_answers(model, params, split, np.arange(len(lengths)), GenerationSettings(4, NEW, 16),
-                               eos_token_id=2)
-    assert widths == [16, 16, 32, 32]
+    ids, mask, answers, shapes = answers_and_generate_calls(monkeypatch, lengths, seed=6, batch_size=4)
+    assert [width for _, width in shapes] == [16, 16, 32, 32]
     want = torch_greedy(ids, mask, eos=2)
     assert [answers[i] for i in range(len(lengths))] == [cut_at_stop(row, [2]) for row in want]
